@@ -1,0 +1,35 @@
+"""lightning-sae: train sae-lens sparse autoencoders with PyTorch Lightning.
+
+>>> from lightning_sae import BatchTopKSAE
+>>> BatchTopKSAE(d_in=16, d_sae=64, k=4).sae.cfg.d_sae
+64
+"""
+
+from lightning_sae import metrics
+from lightning_sae.modules import (
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    MatryoshkaBatchTopKSAE,
+    SAEModule,
+    StandardSAE,
+    TopKSAE,
+    available_architectures,
+    get_module_class,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchTopKSAE",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "MatryoshkaBatchTopKSAE",
+    "SAEModule",
+    "StandardSAE",
+    "TopKSAE",
+    "__version__",
+    "available_architectures",
+    "get_module_class",
+    "metrics",
+]

@@ -1,0 +1,23 @@
+"""LightningModules that train sae-lens SAEs, one per architecture."""
+
+from lightning_sae.modules.architectures import (
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    MatryoshkaBatchTopKSAE,
+    StandardSAE,
+    TopKSAE,
+)
+from lightning_sae.modules.base import SAEModule, available_architectures, get_module_class
+
+__all__ = [
+    "BatchTopKSAE",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "MatryoshkaBatchTopKSAE",
+    "SAEModule",
+    "StandardSAE",
+    "TopKSAE",
+    "available_architectures",
+    "get_module_class",
+]
