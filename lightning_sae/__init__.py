@@ -7,6 +7,7 @@
 
 from lightning_sae import metrics
 from lightning_sae.modules import (
+    ATMSAE,
     BatchTopKSAE,
     GatedSAE,
     JumpReLUSAE,
@@ -21,6 +22,7 @@ from lightning_sae.modules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATMSAE",
     "BatchTopKSAE",
     "GatedSAE",
     "JumpReLUSAE",

@@ -8,9 +8,11 @@ from lightning_sae.modules.architectures import (
     StandardSAE,
     TopKSAE,
 )
+from lightning_sae.modules.atm import ATMSAE
 from lightning_sae.modules.base import SAEModule, available_architectures, get_module_class
 
 __all__ = [
+    "ATMSAE",
     "BatchTopKSAE",
     "GatedSAE",
     "JumpReLUSAE",

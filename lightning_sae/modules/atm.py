@@ -1,0 +1,82 @@
+"""LightningModule for Adaptive Temporal Masking SAEs (Li & Ren, arXiv 2510.08855).
+
+The math is :class:`lightning_sae.saes.ATMTrainingSAE` (registered with sae-lens as ``atm``,
+exported as a plain ``standard`` SAE); which parts follow the paper and which are our choices is
+documented there.
+
+>>> from lightning_sae import ATMSAE
+>>> module = ATMSAE(d_in=16, d_sae=64)
+>>> module.sae.cfg.architecture(), module.sae.cfg.get_inference_config_class().architecture()
+('atm', 'standard')
+"""
+
+from typing import Any, Literal
+
+import lightning_sae.saes.atm  # noqa: F401  (registers "atm" with sae-lens before the class exists)
+from lightning_sae.modules.architectures import StandardSAE
+from lightning_sae.saes.atm import ATM_STATISTICS
+
+
+class ATMSAE(StandardSAE):
+    """ReLU + L1 SAE trained with Adaptive Temporal Masking; exports as sae-lens ``standard``.
+
+    Per-latent EMAs of magnitude, frequency and reconstruction contribution make an importance
+    score; during training, after ``atm_warm_up_steps``, latents below ``θ = μ + c·sigma`` are
+    masked with probability ``1 - exp(-r·(θ - I)/θ)``. Invalid values raise ``ValueError`` at
+    construction.
+
+    Args:
+        d_in: Width of the activations.
+        d_sae: Number of latents.
+        l1_coefficient: λ of the decoder-norm-weighted L1 penalty (on normalised activations).
+        lp_norm: The p of the penalty's p-norm (1 is L1).
+        atm_ema_decay: Decay β in (0, 1) of the three per-latent EMAs.
+        atm_magnitude_weight: Weight of the activation-magnitude signal in the importance.
+        atm_frequency_weight: Weight of the firing-frequency signal.
+        atm_contribution_weight: Weight of the reconstruction-contribution signal.
+        atm_threshold_c: ``c`` of the threshold ``θ = μ + c·sigma``.
+        atm_mask_rate: ``r`` > 0 of the masking probability.
+        atm_warm_up_steps: Optimisation steps before masking starts.
+        atm_mask_granularity: ``token`` (each token and latent independently) or ``batch``.
+        **kwargs: Training options of :class:`~lightning_sae.SAEModule` (``lr``, schedules, ...).
+
+    """
+
+    architecture = "atm"
+    #: The EMAs stay float32 under any Trainer precision, like thresholds elsewhere.
+    full_precision_tensors = (*StandardSAE.full_precision_tensors, *ATM_STATISTICS)
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        l1_coefficient: float = 5.0,
+        lp_norm: float = 1.0,
+        atm_ema_decay: float = 0.99,
+        atm_magnitude_weight: float = 1.0,
+        atm_frequency_weight: float = 1.0,
+        atm_contribution_weight: float = 1.0,
+        atm_threshold_c: float = 0.0,
+        atm_mask_rate: float = 1.0,
+        atm_warm_up_steps: int = 1000,
+        atm_mask_granularity: Literal["token", "batch"] = "token",
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            d_in=d_in, d_sae=d_sae, l1_coefficient=l1_coefficient, lp_norm=lp_norm, **kwargs
+        )
+
+    def sae_config_kwargs(self) -> dict[str, Any]:
+        """Add the ATM hyper-parameters (validated by the config) to the ``standard`` fields."""
+        hp = self.hparams
+        atm_names = (
+            "atm_ema_decay",
+            "atm_magnitude_weight",
+            "atm_frequency_weight",
+            "atm_contribution_weight",
+            "atm_threshold_c",
+            "atm_mask_rate",
+            "atm_warm_up_steps",
+            "atm_mask_granularity",
+        )
+        return {**super().sae_config_kwargs(), **{name: hp[name] for name in atm_names}}
