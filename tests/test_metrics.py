@@ -1,0 +1,108 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics import MetricCollection
+
+from lightning_sae.metrics import (
+    L0,
+    DeadLatentRate,
+    ExplainedVariance,
+    FeatureDensity,
+    NormalizedMSE,
+    log10_feature_density,
+)
+
+X = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.0, 4.0]])
+X_HAT = torch.tensor([[1.5, 2.0], [2.0, -1.0], [0.0, 3.0]])
+ACTS = torch.tensor([[0.0, 1.0, 0.0, 2.0], [3.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 5.0]])
+
+
+def test_l0_hand_computation():
+    metric = L0()
+    metric.update(ACTS)
+    assert metric.compute().item() == pytest.approx((2 + 2 + 1) / 3)
+
+
+def test_explained_variance_hand_computation():
+    # sse = 0.25 + 1 + 1 = 2.25; mean = (4/3, 5/3); sst = Σ‖x − mean‖².
+    mean = X.mean(0)
+    sst = ((X - mean) ** 2).sum().item()
+    metric = ExplainedVariance(d_in=2)
+    metric.update(X, X_HAT)
+    assert metric.compute().item() == pytest.approx(1 - 2.25 / sst)
+
+
+def test_normalized_mse_hand_computation():
+    metric = NormalizedMSE(d_in=2)
+    metric.update(X, X_HAT)
+    assert metric.compute().item() == pytest.approx(2.25 / (X**2).sum().item())
+
+
+def test_density_and_dead_rate_hand_computation():
+    density = FeatureDensity(d_sae=4)
+    dead = DeadLatentRate(d_sae=4)
+    density.update(ACTS)
+    dead.update(ACTS)
+    assert density.compute().tolist() == pytest.approx([1 / 3, 1 / 3, 0.0, 1.0])
+    assert dead.compute().item() == pytest.approx(0.25)
+    assert log10_feature_density(density.compute())[2].item() == pytest.approx(-10.0)
+
+
+def test_batches_accumulate_to_the_dataset_value():
+    torch.manual_seed(0)
+    x = torch.randn(1000, 8) * 3 + 5  # large mean: a naive float32 variance loses digits
+    x_hat = x + 0.3 * torch.randn_like(x)
+    whole, parts = ExplainedVariance(8), ExplainedVariance(8)
+    whole.update(x, x_hat)
+    for xs, hs in zip(x.split(77), x_hat.split(77), strict=True):
+        parts.update(xs, hs)
+    x64, h64 = x.double().numpy(), x_hat.double().numpy()
+    expected = 1 - ((x64 - h64) ** 2).sum() / ((x64 - x64.mean(0)) ** 2).sum()
+    assert whole.compute().item() == pytest.approx(expected, rel=1e-12)
+    assert parts.compute().item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_collection_routes_keyword_arguments():
+    collection = MetricCollection({"l0": L0(), "ev": ExplainedVariance(2), "nmse": NormalizedMSE(2)})
+    collection.update(x=X, x_hat=X_HAT, feature_acts=ACTS)
+    values = collection.compute()
+    assert values["l0"].item() == pytest.approx(5 / 3)
+    assert set(values) == {"l0", "ev", "nmse"}
+
+
+def test_leading_dimensions_are_tokens():
+    metric = L0()
+    metric.update(ACTS.reshape(1, 3, 4))
+    assert metric.compute().item() == pytest.approx(5 / 3)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [(lambda: ExplainedVariance(0), "d_in"), (lambda: FeatureDensity(-1), "d_sae")],
+)
+def test_bad_sizes(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_shape_mismatch():
+    with pytest.raises(ValueError, match="same shape"):
+        ExplainedVariance(2).update(X, X_HAT[:, :1])
+
+
+def test_two_processes_equal_one_process_on_the_union():
+    """Real gloo process group, 2 ranks with different shard sizes, run as its own process."""
+    script = Path(__file__).parent / "scripts" / "ddp_metrics.py"
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("METRIC ")]
+    assert len(lines) == 5, result.stdout
+    for line in lines:
+        _, name, distributed, single = line.split()
+        np.testing.assert_allclose(float(distributed), float(single), rtol=1e-9, err_msg=name)
