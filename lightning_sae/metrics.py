@@ -157,3 +157,142 @@ class DeadLatentRate(FeatureDensity):
 def log10_feature_density(density: Tensor, eps: float = 1e-10) -> Tensor:
     """Log10 feature density as sae-lens writes it in ``sparsity.safetensors`` (float32)."""
     return torch.log10(density.to(_F64) + eps).float()
+
+
+# --------------------------------------------------------------------------- feature absorption
+# Imported here, not at the top, so this section stays self-contained; sae-lens's synthetic
+# package (which pulls in plotly) is only needed for type checking.
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from sae_lens.util import cosine_similarities  # noqa: E402
+
+if TYPE_CHECKING:
+    from sae_lens.synthetic import ActivationGenerator, FeatureDictionary, HierarchyNode
+
+
+def hierarchy_parent_child_pairs(roots: "HierarchyNode | Sequence[HierarchyNode]") -> Tensor:
+    """Every direct (parent feature, child feature) edge of ``sae_lens.synthetic`` hierarchy trees.
+
+    Organisational nodes (``feature_index=None``) are skipped along with their edges: their
+    children have no parent feature whose latent could fail to fire.
+
+    Returns:
+        Long tensor ``[n_pairs, 2]`` of feature indices, parent first.
+
+    """
+    pending = [roots] if not isinstance(roots, Sequence) else list(roots)
+    pairs = []
+    while pending:
+        node = pending.pop()
+        for child in node.children:
+            if node.feature_index is not None and child.feature_index is not None:
+                pairs.append((node.feature_index, child.feature_index))
+            pending.append(child)
+    return torch.tensor(sorted(pairs), dtype=torch.long).reshape(-1, 2)
+
+
+def match_features_to_latents(feature_vectors: Tensor, decoder: Tensor) -> Tensor:
+    """For each true feature, the latent whose decoder row is most cosine-similar to it.
+
+    Each feature picks its own best latent (an argmax, not a one-to-one assignment), so a
+    feature whose direction the SAE never learnt still gets its closest latent, and two features
+    may share one. Cosine similarity ignores scale, so ``decoder`` may be in normalised units.
+
+    Args:
+        feature_vectors: True feature directions ``[n_features, d_in]`` (a ``FeatureDictionary``'s
+            ``feature_vectors``).
+        decoder: The SAE's ``W_dec`` ``[d_sae, d_in]``.
+
+    Returns:
+        Long tensor ``[n_features]`` of latent indices.
+
+    """
+    return cosine_similarities(feature_vectors.detach().float(), decoder.detach().float()).argmax(1)
+
+
+class Absorption(Metric):
+    """Feature absorption on synthetic data with a known hierarchy.
+
+    The fraction of child-feature occurrences (child and parent both active in the ground truth)
+    on which the parent feature's latent does not fire, pooled over every (parent, child) pair:
+    ``Σ misses / Σ occurrences``. An SAE whose child latents absorbed the parent direction leaves
+    the parent latent silent exactly when a child fires, so this is 0 without absorption and near
+    1 with full absorption. NaN if no child fired.
+
+    Args:
+        pairs: ``[n_pairs, 2]`` (parent, child) feature indices (see
+            :func:`hierarchy_parent_child_pairs`).
+        feature_to_latent: ``[n_features]`` latent of each feature (see
+            :func:`match_features_to_latents`).
+
+    """
+
+    full_state_update = False
+    higher_is_better = False
+    is_differentiable = False
+
+    occurrences: Tensor
+    misses: Tensor
+    pairs: Tensor
+    parent_latents: Tensor
+
+    def __init__(self, pairs: Tensor, feature_to_latent: Tensor, **kwargs) -> None:
+        super().__init__(**kwargs)
+        pairs = torch.as_tensor(pairs, dtype=torch.long)
+        if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0:
+            raise ValueError(f"pairs must be a non-empty [n_pairs, 2] tensor, got {pairs.shape}.")
+        self.register_buffer("pairs", pairs, persistent=False)
+        parent_latents = torch.as_tensor(feature_to_latent, dtype=torch.long)[pairs[:, 0]]
+        self.register_buffer("parent_latents", parent_latents, persistent=False)
+        n_pairs = pairs.shape[0]
+        self.add_state("occurrences", torch.zeros(n_pairs, dtype=_F64), dist_reduce_fx="sum")
+        self.add_state("misses", torch.zeros(n_pairs, dtype=_F64), dist_reduce_fx="sum")
+
+    def update(self, feature_acts: Tensor, true_feature_acts: Tensor) -> None:
+        """Count latents ``[N, d_sae]`` against the true feature activations ``[N, n_features]``."""
+        true_acts = _flatten_tokens(true_feature_acts)
+        occurred = (true_acts[:, self.pairs[:, 0]] > 0) & (true_acts[:, self.pairs[:, 1]] > 0)
+        parent_silent = _flatten_tokens(feature_acts)[:, self.parent_latents] <= 0
+        self.occurrences += occurred.sum(dim=0).to(_F64)
+        self.misses += (occurred & parent_silent).sum(dim=0).to(_F64)
+
+    def compute(self) -> Tensor:
+        """Return the pooled absorption rate over every pair and token seen."""
+        return self.misses.sum() / self.occurrences.sum()
+
+
+@torch.no_grad()
+def synthetic_absorption(
+    encode: Callable[[Tensor], Tensor],
+    decoder: Tensor,
+    feature_dictionary: "FeatureDictionary",
+    activation_generator: "ActivationGenerator",
+    hierarchy: "HierarchyNode | Sequence[HierarchyNode]",
+    n_tokens: int = 65_536,
+    batch_size: int = 4_096,
+) -> float:
+    """Absorption of an SAE on fresh samples of a ``sae_lens.synthetic`` hierarchy.
+
+    Matches features to latents by decoder cosine similarity, samples ``n_tokens`` true feature
+    activations from ``activation_generator`` (built with ``hierarchy_modifier(hierarchy)``),
+    maps them through ``feature_dictionary`` and counts parent-latent misses (:class:`Absorption`).
+
+    Args:
+        encode: Activations ``[N, d_in]`` -> latents ``[N, d_sae]`` (e.g. ``SAEModule.encode``).
+        decoder: The SAE's ``W_dec`` ``[d_sae, d_in]``.
+        feature_dictionary: Maps true feature activations to activations.
+        activation_generator: Samples true feature activations under the hierarchy.
+        hierarchy: The hierarchy roots the generator enforces.
+        n_tokens: Tokens to evaluate (the global RNG draws them: seed it for repeatability).
+        batch_size: Tokens per encoded batch.
+
+    """
+    metric = Absorption(
+        hierarchy_parent_child_pairs(hierarchy),
+        match_features_to_latents(feature_dictionary.feature_vectors, decoder),
+    )
+    for start in range(0, n_tokens, batch_size):
+        true_acts = activation_generator.sample(min(batch_size, n_tokens - start))
+        metric.update(encode(feature_dictionary(true_acts)), true_acts)
+    return float(metric.compute())
