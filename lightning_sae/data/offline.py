@@ -79,7 +79,7 @@ def smollm2_path() -> Path:
 _SCENE = re.compile(r"^#{2,3} (?:SCENE|PROLOGUE|EPILOGUE|INDUCTION)\b.*$", re.MULTILINE | re.I)
 _HEADING = re.compile(r"^#+ .*$", re.MULTILINE)
 # Emphasis markers (``**NAME**``, ``_direction_``, also across lines) and markdown escapes.
-_MARKUP = re.compile(r"\*\*|(?<!\w)_|_(?!\w)|\\(?=[^\w\s])")
+_MARKUP = re.compile(r"\*+|(?<!\w)_|_(?!\w)|\\(?=[^\w\s])")
 
 
 def shakespeare_documents() -> list[str]:
