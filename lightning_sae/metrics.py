@@ -78,7 +78,9 @@ class _ReconstructionMetric(Metric):
     def update(self, x: Tensor, x_hat: Tensor) -> None:
         """Accumulate a batch of inputs ``x`` and reconstructions ``x_hat`` (``[..., d_in]``)."""
         if x.shape != x_hat.shape:
-            raise ValueError(f"x and x_hat must have the same shape, got {x.shape} and {x_hat.shape}.")
+            raise ValueError(
+                f"x and x_hat must have the same shape, got {x.shape} and {x_hat.shape}."
+            )
         x = _flatten_tokens(x).to(_F64)
         x_hat = _flatten_tokens(x_hat).to(_F64)
         self.squared_error += (x - x_hat).square().sum()

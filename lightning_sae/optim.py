@@ -20,6 +20,7 @@ class LRSchedule:
         scheduler: ``constant`` keeps 1 between warm-up and decay; ``cosine`` anneals to
             ``min_lr_ratio`` over the same span.
         min_lr_ratio: Floor of the cosine body, as a fraction of the peak learning rate.
+
     """
 
     total_steps: int | None

@@ -67,7 +67,9 @@ def test_batches_accumulate_to_the_dataset_value():
 
 
 def test_collection_routes_keyword_arguments():
-    collection = MetricCollection({"l0": L0(), "ev": ExplainedVariance(2), "nmse": NormalizedMSE(2)})
+    collection = MetricCollection(
+        {"l0": L0(), "ev": ExplainedVariance(2), "nmse": NormalizedMSE(2)}
+    )
     collection.update(x=X, x_hat=X_HAT, feature_acts=ACTS)
     values = collection.compute()
     assert values["l0"].item() == pytest.approx(5 / 3)

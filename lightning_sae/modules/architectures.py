@@ -10,6 +10,7 @@ Hyper-parameter names follow sae-lens's config fields, so its documentation appl
 'batchtopk'
 """
 
+from itertools import pairwise
 from typing import Any, ClassVar, Literal
 
 from lightning_sae.modules.base import SAEModule
@@ -39,6 +40,7 @@ class StandardSAE(SAEModule):
         l1_coefficient: λ, the sparsity penalty's weight (on normalised activations).
         lp_norm: The p of the penalty's p-norm (1 is L1).
         **kwargs: Training options of :class:`SAEModule` (``lr``, schedules, ...).
+
     """
 
     architecture = "standard"
@@ -61,14 +63,17 @@ class StandardSAE(SAEModule):
 
 
 class GatedSAE(SAEModule):
-    """Gated SAE (Rajamanoharan et al. 2024): a gate path for *which* latents fire, a magnitude
-    path for *how much*, with an L1 penalty on the gate and an auxiliary gate reconstruction.
+    """Gated SAE (Rajamanoharan et al. 2024): separate gate and magnitude paths.
+
+    The gate decides *which* latents fire, the magnitude path *how much*; an L1 penalty acts on
+    the gate, plus an auxiliary reconstruction through the gate.
 
     Args:
         d_in: Width of the activations.
         d_sae: Number of latents.
         l1_coefficient: Weight of the gate's (decoder-norm-weighted) L1 penalty.
         **kwargs: Training options of :class:`SAEModule`.
+
     """
 
     architecture = "gated"
@@ -84,8 +89,10 @@ class GatedSAE(SAEModule):
 
 
 class JumpReLUSAE(SAEModule):
-    """JumpReLU SAE (Rajamanoharan et al. 2024) trained with an L0 penalty through
-    straight-through estimators; the threshold stays float32 under any precision.
+    """JumpReLU SAE (Rajamanoharan et al. 2024) trained with an L0 penalty.
+
+    Gradients reach the threshold through straight-through estimators; the threshold stays float32
+    under any precision.
 
     Args:
         d_in: Width of the activations.
@@ -97,6 +104,7 @@ class JumpReLUSAE(SAEModule):
         pre_act_loss_coefficient: Anthropic's pre-activation loss weight (``None`` disables it).
         target_l0: Target L0 of the ``quadratic`` mode (required by it, ignored otherwise).
         **kwargs: Training options of :class:`SAEModule`.
+
     """
 
     architecture = "jumprelu"
@@ -140,8 +148,9 @@ class JumpReLUSAE(SAEModule):
 
 
 class TopKSAE(SAEModule):
-    """TopK SAE (Gao et al. 2024): exactly ``k`` latents per token, plus the AuxK loss that makes
-    dead latents (no firing in ``dead_window_tokens``) reconstruct the residual.
+    """TopK SAE (Gao et al. 2024): exactly ``k`` latents per token, plus AuxK.
+
+    AuxK makes dead latents (no firing in ``dead_window_tokens``) reconstruct the residual.
 
     Args:
         d_in: Width of the activations.
@@ -151,6 +160,7 @@ class TopKSAE(SAEModule):
         rescale_acts_by_decoder_norm: Rank latents by ``hidden_pre * ‖W_dec,i‖`` (sae-lens's
             default; the norm is folded into the weights on export).
         **kwargs: Training options of :class:`SAEModule`.
+
     """
 
     architecture = "topk"
@@ -184,8 +194,9 @@ class TopKSAE(SAEModule):
 
 
 class BatchTopKSAE(TopKSAE):
-    """BatchTopK SAE (Bussmann, Leask, Nanda 2024): the top ``B·k`` activations of a batch of
-    ``B`` tokens, so L0 averages ``k`` but varies per token. Exports as a JumpReLU SAE.
+    """BatchTopK SAE (Bussmann, Leask, Nanda 2024): the top ``B·k`` activations of a batch.
+
+    For a batch of ``B`` tokens L0 averages ``k`` but varies per token. Exports as a JumpReLU SAE.
 
     Under DDP the top-k is taken per rank (over that rank's batch), the cheap choice that needs no
     collective in the forward pass.
@@ -198,6 +209,7 @@ class BatchTopKSAE(TopKSAE):
         rescale_acts_by_decoder_norm: Rank latents by ``hidden_pre * ‖W_dec,i‖``.
         topk_threshold_lr: Rate of sae-lens's EMA of the smallest kept activation.
         **kwargs: Training options of :class:`SAEModule`.
+
     """
 
     architecture = "batchtopk"
@@ -234,8 +246,10 @@ def _default_matryoshka_widths(d_sae: int) -> list[int]:
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
-    """Matryoshka BatchTopK SAE (Bussmann et al. 2025; Nabeshima 2024): BatchTopK plus the
-    reconstruction losses of nested prefixes of the dictionary, which curbs feature absorption.
+    """Matryoshka BatchTopK SAE (Bussmann et al. 2025; Nabeshima 2024).
+
+    BatchTopK plus the reconstruction losses of nested prefixes of the dictionary, which curbs
+    feature absorption.
 
     Args:
         d_in: Width of the activations.
@@ -245,6 +259,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             ``[d_sae/8, d_sae/4, d_sae/2, d_sae]``.
         use_matryoshka_aux_loss: Dead latents reconstruct their own level's residual (slower).
         **kwargs: Other BatchTopK and :class:`SAEModule` options.
+
     """
 
     architecture = "matryoshka_batchtopk"
@@ -264,7 +279,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
                 raise ValueError(
                     f"matryoshka_widths must be a non-empty list of positive ints, got {widths!r}."
                 )
-            if any(a >= b for a, b in zip(widths, widths[1:], strict=False)):
+            if any(a >= b for a, b in pairwise(widths)):
                 raise ValueError(f"matryoshka_widths must be strictly increasing, got {widths!r}.")
             if widths[-1] != d_sae:
                 raise ValueError(

@@ -44,6 +44,7 @@ def get_module_class(architecture: str) -> type["SAEModule"]:
 
     Raises:
         ValueError: If no module trains that architecture; the message lists those that exist.
+
     """
     key = _lookup_key(architecture)
     for cls in _MODULES.values():
@@ -97,6 +98,7 @@ class SAEModule(LightningModule):
         architecture: Only needed when constructing through the base class; must match the
             subclass otherwise.
         seed: Seed for weight initialisation (``None`` uses the global RNG).
+
     """
 
     #: sae-lens training-architecture name this module trains (its registry key).
@@ -270,7 +272,7 @@ class SAEModule(LightningModule):
 
     # ------------------------------------------------------------------ training
     def sparsity_coefficients(self) -> dict[str, float]:
-        """The sae-lens loss coefficients at the current step, after linear warm-up."""
+        """Return the sae-lens loss coefficients at the current step, after linear warm-up."""
         coefficients = {}
         for name, config in self.sae.get_coefficients().items():
             value, warm_up = (config, 0) if isinstance(config, int | float) else config
@@ -320,9 +322,9 @@ class SAEModule(LightningModule):
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).any(dim=-1).nonzero().flatten()[:5].tolist()
             raise FloatingPointError(
-                f"Training batch {self.global_step} (global step) holds NaN or inf activations "
-                f"(first bad rows: {bad}); the weights were not updated. Check the activation "
-                "source, or the model's dtype (fp16 activations overflow)."
+                f"The training batch at global step {self.global_step} holds NaN or inf "
+                f"activations (first bad rows: {bad}); the weights were not updated. Check the "
+                "activation source, or the model's dtype (fp16 activations overflow)."
             )
 
     @torch.no_grad()
@@ -359,7 +361,8 @@ class SAEModule(LightningModule):
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self._log_window_metrics()
         if self._window_tokens >= self.hparams.dead_window_tokens:
-            self._close_density_window()
+            density = self._publish_feature_density()
+            self.log("train/dead_latent_rate", (density == 0).float().mean())
 
     def _log_window_metrics(self) -> None:
         # compute() is a collective under DDP; every rank reaches this on the same step.
@@ -372,31 +375,38 @@ class SAEModule(LightningModule):
             )
         self._last_log_time, self._tokens_since_log = now, 0
         self.log_dict({name: value.float() for name, value in values.items()})
-        short = {"train/l0": "l0", "train/explained_variance": "ev", "train/tokens_per_sec": "tok/s"}
+        short = {
+            "train/l0": "l0",
+            "train/explained_variance": "ev",
+            "train/tokens_per_sec": "tok/s",
+        }
         self.log_dict(
             {short[name]: value.float() for name, value in values.items() if name in short},
             prog_bar=True,
             logger=False,
         )
 
-    def _close_density_window(self) -> None:
-        """Publish the finished window's feature density and dead-latent rate, then reset."""
+    def _publish_feature_density(self) -> Tensor:
+        """Copy the window's feature density to the checkpointed buffer, histogram it, reset.
+
+        ``compute()`` is a collective: every rank calls this on the same step.
+        """
         density = self.train_density.compute()
         self.train_density.reset()
         self._window_tokens = 0
         self.feature_density.copy_(density)
-        self.log("train/dead_latent_rate", (density == 0).float().mean())
         log_density = log10_feature_density(density)
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_histogram(
                     "train/feature_density_log10", log_density, self.global_step
                 )
+        return density
 
     def on_train_end(self) -> None:
-        """Publish the density of a window still open at the end of fit (for the exporter)."""
-        if self.train_density.update_count > 0 and not bool(self.feature_density.any()):
-            self._close_density_window()
+        """Publish a window still open at the end of fit if none closed (for the exporter)."""
+        if self._window_tokens > 0 and not bool(self.feature_density.any()):
+            self._publish_feature_density()
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -404,7 +414,9 @@ class SAEModule(LightningModule):
         x = self._activations(batch)
         sae_in = x * self.activation_scale
         feature_acts = self.sae.encode(sae_in)
-        self.val_metrics.update(x=sae_in, x_hat=self.sae.decode(feature_acts), feature_acts=feature_acts)
+        self.val_metrics.update(
+            x=sae_in, x_hat=self.sae.decode(feature_acts), feature_acts=feature_acts
+        )
         self.log_dict(self.val_metrics, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ optimisation
@@ -431,7 +443,7 @@ class SAEModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints & dtypes
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint carries its activation scale: never re-estimate it on resume."""
+        """Keep the checkpoint's activation scale: never re-estimate it on resume."""
         self._scale_pending = False
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SAEModule":
@@ -471,4 +483,3 @@ class SAEModule(LightningModule):
         sae.cfg.dtype = dtype_to_str(sae.dtype)
         sae.cfg.device = str(sae.device)
         return self
-

@@ -9,7 +9,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_sae.metrics import L0, DeadLatentRate, ExplainedVariance, FeatureDensity, NormalizedMSE
+from lightning_sae.metrics import (
+    L0,
+    DeadLatentRate,
+    ExplainedVariance,
+    FeatureDensity,
+    NormalizedMSE,
+)
 
 D_IN, D_SAE = 6, 10
 

@@ -1,0 +1,141 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+from helpers import D_IN, loader, quiet_trainer
+
+from lightning_sae import BatchTopKSAE, JumpReLUSAE, SAEModule, StandardSAE, TopKSAE
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_construct_by_architecture_name():
+    module = SAEModule(architecture="BatchTopKSAE", d_in=8, d_sae=32, k=4)
+    assert type(module) is BatchTopKSAE
+    assert type(SAEModule(architecture="topk", d_in=8, d_sae=32, k=4)) is TopKSAE
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: SAEModule(architecture="relu6", d_in=8, d_sae=32), "Unknown SAE architecture"),
+        (lambda: SAEModule(d_in=8, d_sae=32), "abstract"),
+        (lambda: StandardSAE(d_in=0, d_sae=32), "d_in must be a positive integer"),
+        (lambda: StandardSAE(d_in=8, d_sae=-4), "d_sae must be a positive integer"),
+        (lambda: StandardSAE(d_in=8, d_sae=32, lr=0.0), "lr must be positive"),
+        (lambda: StandardSAE(d_in=8, d_sae=32, adam_beta2=1.0), "adam_beta2"),
+        (lambda: StandardSAE(d_in=8, d_sae=32, l1_coeficient=1.0), "unexpected arguments"),
+        (lambda: StandardSAE(d_in=8, d_sae=32, lr_scheduler="linear"), "lr_scheduler"),
+        (lambda: StandardSAE(d_in=8, d_sae=32, activation_scale=-1.0), "activation_scale"),
+        (lambda: TopKSAE(d_in=8, d_sae=32, architecture="gated"), "does not match"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(build, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()
+
+
+class StateSnapshot(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.state = {name: t.clone() for name, t in pl_module.state_dict().items()}
+
+
+def test_nan_batch_fails_fast_naming_the_step_and_leaves_weights_untouched(synthetic_train):
+    module = BatchTopKSAE(d_in=D_IN, d_sae=64, k=4)
+    x = synthetic_train[:2048].clone()
+    x[3 * 512 + 7, 3] = float("inf")  # inside the fourth batch: global step 3
+    snapshot = StateSnapshot()
+    with pytest.raises(FloatingPointError, match="at global step 3 holds NaN or inf"):
+        quiet_trainer(max_steps=10, callbacks=[snapshot]).fit(module, loader(x))
+    after = module.state_dict()
+    assert all(torch.equal(after[name], snapshot.state[name]) for name in after)
+
+
+def test_activation_scale_is_estimated_applied_and_checkpointed(tmp_path, synthetic_train):
+    x = synthetic_train[:2048] * 7.0
+    module = StandardSAE(d_in=D_IN, d_sae=64)
+    trainer = quiet_trainer(max_steps=3, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(module, loader(x))
+    expected = math.sqrt(D_IN) / x[:512].norm(dim=-1).mean().item()
+    assert module.activation_scale.item() == pytest.approx(expected, rel=1e-5)
+    # module(x) is in the input's units: the scale is undone.
+    with torch.no_grad():
+        manual = module.sae.decode(module.sae.encode(x[:8] * module.activation_scale))
+        assert torch.allclose(module(x[:8]), manual / module.activation_scale, atol=1e-5)
+
+    path = tmp_path / "sae.ckpt"
+    trainer.save_checkpoint(path)
+    for loader_cls in (StandardSAE, SAEModule):
+        restored = loader_cls.load_from_checkpoint(path)
+        assert type(restored) is StandardSAE
+        assert restored.activation_scale.item() == module.activation_scale.item()
+        with torch.no_grad():
+            assert torch.equal(restored(x[:8]), module(x[:8]))
+    # Resuming keeps the checkpoint's scale even though the new data has another norm.
+    resumed = StandardSAE(d_in=D_IN, d_sae=64)
+    quiet_trainer(max_steps=4).fit(resumed, loader(x / 7.0), ckpt_path=path)
+    assert resumed.activation_scale.item() == module.activation_scale.item()
+
+
+def test_checkpoint_round_trip_keeps_class_and_hyperparameters(tmp_path, synthetic_train):
+    module = BatchTopKSAE(d_in=D_IN, d_sae=64, k=3.5, lr=1e-3, dead_window_tokens=1024)
+    trainer = quiet_trainer(max_steps=3, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(module, loader(synthetic_train[:2048]))
+    path = tmp_path / "batchtopk.ckpt"
+    trainer.save_checkpoint(path)
+    restored = SAEModule.load_from_checkpoint(path)
+    assert type(restored) is BatchTopKSAE
+    assert restored.hparams.k == 3.5 and restored.hparams.lr == 1e-3
+    assert restored.sae.cfg.k == 3.5
+    state, restored_state = module.state_dict(), restored.state_dict()
+    assert state.keys() == restored_state.keys()
+    assert all(torch.equal(state[name], restored_state[name]) for name in state)
+    assert restored.sae.topk_threshold.dtype == torch.float64
+    assert restored.sae.topk_threshold.item() > 0
+
+
+def test_lr_schedule_steps_per_optimisation_step(synthetic_train):
+    recorder = LossRecorder()
+    module = TopKSAE(d_in=D_IN, d_sae=64, k=4, lr=1e-3, lr_warm_up_steps=4, lr_decay_steps=4)
+    quiet_trainer(max_steps=12, callbacks=[recorder]).fit(module, loader(synthetic_train[:8192]))
+    # lr seen after step n (the scheduler has stepped n + 1 times).
+    expected = [1e-3 * m for m in (0.5, 0.75, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0)]
+    assert recorder.lrs == pytest.approx(expected)
+
+
+def test_dead_latents_are_counted_in_tokens(synthetic_train):
+    module = TopKSAE(d_in=D_IN, d_sae=64, k=4, dead_window_tokens=1536)
+    with torch.no_grad():
+        module.sae.W_enc[:, 5] = 0.0
+        module.sae.b_enc[5] = -100.0  # latent 5 can never win a top-k slot
+    quiet_trainer(max_steps=4).fit(module, loader(synthetic_train[:4096]))
+    assert module.tokens_since_fired[5].item() == 4 * 512
+    assert module.dead_latent_mask[5]
+    assert (module.tokens_since_fired < 4 * 512).sum() > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_keeps_thresholds_in_full_precision(precision, synthetic_train):
+    for module in (
+        BatchTopKSAE(d_in=D_IN, d_sae=64, k=4),
+        JumpReLUSAE(d_in=D_IN, d_sae=64),
+    ):
+        quiet_trainer(max_steps=5, precision=precision).fit(module, loader(synthetic_train[:4096]))
+        if isinstance(module, BatchTopKSAE):
+            assert module.sae.topk_threshold.dtype == torch.float64
+            assert module.sae.topk_threshold.item() > 0
+        else:
+            assert module.sae.threshold.dtype == torch.float32
+        assert module.activation_scale.dtype == torch.float32
+        expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+        assert module.sae.W_enc.dtype == expected
+        assert module.sae.cfg.dtype == str(expected).removeprefix("torch.")
