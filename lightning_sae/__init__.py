@@ -6,6 +6,8 @@
 """
 
 from lightning_sae import metrics
+from lightning_sae.callbacks import SAELensExport
+from lightning_sae.export import export_to_sae_lens, load_from_sae_lens
 from lightning_sae.modules import (
     ATMSAE,
     BatchTopKSAE,
@@ -27,11 +29,14 @@ __all__ = [
     "GatedSAE",
     "JumpReLUSAE",
     "MatryoshkaBatchTopKSAE",
+    "SAELensExport",
     "SAEModule",
     "StandardSAE",
     "TopKSAE",
     "__version__",
     "available_architectures",
+    "export_to_sae_lens",
     "get_module_class",
+    "load_from_sae_lens",
     "metrics",
 ]

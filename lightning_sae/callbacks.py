@@ -1,0 +1,114 @@
+"""Lightning callbacks of lightning-sae.
+
+>>> from lightning import Trainer
+>>> from lightning_sae import SAELensExport
+>>> trainer = Trainer(callbacks=[SAELensExport("exports", every_n_steps=1000)], logger=False)
+"""
+
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from lightning_sae.export import DEFAULT_CALIBRATION_TOKENS, export_to_sae_lens
+from lightning_sae.modules import SAEModule
+
+
+class SAELensExport(Callback):
+    """Export the SAE in sae-lens's format every ``every_n_steps`` steps and at the end of fit.
+
+    Each export goes to its own folder ``<dirpath>/step-<global step, 6 digits>/`` (written
+    atomically by :func:`~lightning_sae.export_to_sae_lens`), and ``<dirpath>/latest`` is a relative
+    symlink to the newest one, replaced atomically, so ``SAE.load_from_disk("<dirpath>/latest")``
+    always reads a complete export. Exports run on global rank 0 only and involve no collective; a
+    DataModule's ``sample_activations`` (used to calibrate BatchTopK thresholds) must therefore be
+    rank-local.
+
+    The final export runs in ``on_fit_end``, after the module's ``on_train_end`` has published the
+    feature density of a window still open, so ``sparsity.safetensors`` covers the end of training.
+
+    Args:
+        dirpath: Folder of the exports; ``None`` uses ``<trainer.default_root_dir>/sae_lens``.
+        every_n_steps: Also export every this many optimisation steps (``None``: only at the end).
+        metadata: sae-lens metadata passed to every export (overrides the DataModule's).
+        calibration_activations: Held-out activations for BatchTopK thresholds; ``None`` draws
+            ``calibration_tokens`` from ``trainer.datamodule.sample_activations``.
+        calibration_tokens: Tokens drawn from the DataModule per BatchTopK export.
+
+    """
+
+    #: Name of the pointer to the newest export inside ``dirpath``.
+    latest_name = "latest"
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str] | None = None,
+        every_n_steps: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        calibration_activations: Tensor | Iterable[Tensor] | None = None,
+        calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    ) -> None:
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps <= 0):
+            raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps}.")
+        self.dirpath = None if dirpath is None else Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.metadata = dict(metadata or {})
+        self.calibration_activations = calibration_activations
+        self.calibration_tokens = calibration_tokens
+        self._last_step: int | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check the module type and resolve the export folder."""
+        if not isinstance(pl_module, SAEModule):
+            raise TypeError(
+                f"SAELensExport exports lightning_sae SAE modules, got {type(pl_module).__name__}."
+            )
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "sae_lens"
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Export when the global step reaches a multiple of ``every_n_steps``."""
+        step = trainer.global_step
+        # Under gradient accumulation several batches end on the same global step: export once.
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.export(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Export the final SAE (replacing a periodic export of the same step)."""
+        self.export(trainer, pl_module)
+
+    def export(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
+        """Export now to ``step-<global step>`` and point ``latest`` at it (rank 0 only).
+
+        Returns:
+            The export folder on global rank 0, ``None`` on other ranks.
+
+        """
+        step = trainer.global_step
+        self._last_step = step
+        if not trainer.is_global_zero:
+            return None
+        assert self.dirpath is not None  # set in setup()
+        path = export_to_sae_lens(
+            pl_module,  # type: ignore[arg-type]  # checked in setup()
+            self.dirpath / f"step-{step:06d}",
+            self.metadata,
+            calibration_activations=self.calibration_activations,
+            calibration_tokens=self.calibration_tokens,
+        )
+        link = self.dirpath / f".{self.latest_name}.tmp-{uuid.uuid4().hex[:8]}"
+        os.symlink(path.name, link, target_is_directory=True)
+        os.replace(link, self.dirpath / self.latest_name)
+        return path
