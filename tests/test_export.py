@@ -17,8 +17,8 @@ import pytest
 import torch
 from helpers import loader, quiet_trainer
 from lightning import LightningDataModule
-from safetensors.torch import load_file, save_file
 from sae_lens import SAE
+from safetensors.torch import load_file, save_file
 
 from lightning_sae import SAEModule, export_to_sae_lens, load_from_sae_lens
 from lightning_sae.export import SAE_LENS_METADATA_KEYS, calibrate_batchtopk_threshold
@@ -264,7 +264,7 @@ def test_metadata_and_calibration_from_the_datamodule(
 
 
 def test_unknown_metadata_key_is_rejected(trained: dict[str, SAEModule], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="hook_nme.*Valid keys") as error:
+    with pytest.raises(ValueError, match=r"hook_nme.*Valid keys") as error:
         export_to_sae_lens(trained["standard"], tmp_path / "sae", {"hook_nme": HOOK})
     assert "hook_name" in str(error.value) and set(SAE_LENS_METADATA_KEYS) >= {"hook_name"}
     assert not any(tmp_path.iterdir())
@@ -348,7 +348,7 @@ def test_gemma_scope_params_npz(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(module.encode(x), expected)
     np.savez(tmp_path / "pickled.npz", W_enc=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(ValueError, match="pickled.npz"):
+    with pytest.raises(ValueError, match=r"pickled\.npz"):
         load_from_sae_lens(tmp_path / "pickled.npz")
 
 
@@ -386,7 +386,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(
     corrupt = tmp_path / "corrupt"
     export_to_sae_lens(module, corrupt)
     (corrupt / "sae_weights.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="corrupt.*sae_weights.safetensors"):
+    with pytest.raises(ValueError, match=r"corrupt.*sae_weights\.safetensors"):
         load_from_sae_lens(corrupt)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
