@@ -1,0 +1,153 @@
+"""On-disk activation cache: safetensors shards plus a JSON manifest, written once, read many times.
+
+Layout of a cache folder::
+
+    manifest.json                  model, hooks, d_in, context size, dtype, token counts, files
+    activations_00000.safetensors  {hook_name: [n_tokens, d_in]} for every hook
+    ...
+    holdout.safetensors            held-out activations for ``sample_activations`` (optional)
+
+The whole folder is written under a temporary name and renamed into place, so a crash or a full
+disk leaves either the previous cache or none, never a half-written one.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+MANIFEST = "manifest.json"
+FORMAT = "lightning-sae-activation-cache"
+VERSION = 1
+HOLDOUT_FILE = "holdout.safetensors"
+
+
+def write_cache(
+    path: str | os.PathLike[str],
+    chunks: Iterable[dict[str, Tensor]],
+    holdout: dict[str, Tensor] | None,
+    metadata: dict[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """Write activation ``chunks`` (one safetensors file each) and a manifest atomically.
+
+    Args:
+        path: Cache folder to create.
+        chunks: ``{hook_name: [n, d_in]}`` per file, every hook with the same ``n``.
+        holdout: Held-out activations in the same form, or ``None``.
+        metadata: Manifest fields describing the source (model, hooks, context size...).
+        overwrite: Replace an existing cache at ``path``.
+
+    Returns:
+        The cache folder.
+
+    """
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists: pass overwrite=True or another folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        files, dtype = [], None
+        for index, chunk in enumerate(chunks):
+            name = f"activations_{index:05d}.safetensors"
+            save_file({k: v.contiguous().cpu() for k, v in chunk.items()}, tmp / name)
+            files.append({"name": name, "n_tokens": next(iter(chunk.values())).shape[0]})
+            dtype = str(next(iter(chunk.values())).dtype).removeprefix("torch.")
+        if not files:
+            raise ValueError("No activations to cache: n_tokens must be positive.")
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            **metadata,
+            "dtype": dtype,
+            "n_tokens": sum(f["n_tokens"] for f in files),
+            "files": files,
+            "holdout": None,
+        }
+        if holdout is not None:
+            save_file({k: v.contiguous().cpu() for k, v in holdout.items()}, tmp / HOLDOUT_FILE)
+            n_holdout = next(iter(holdout.values())).shape[0]
+            manifest["holdout"] = {"name": HOLDOUT_FILE, "n_tokens": n_holdout}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class ActivationCache:
+    """A cache folder opened for reading; files are loaded on demand.
+
+    Raises:
+        FileNotFoundError: No manifest in ``path``.
+        ValueError: The manifest is not a lightning-sae activation cache of a known version.
+
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{manifest_path} not found: {self.path} is not an activation cache. Write one "
+                "with ActivationDataModule(...).write_cache(path, n_tokens)."
+            )
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{manifest_path} is not valid JSON: {error}") from error
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+            raise ValueError(
+                f"{manifest_path} is not a version-{VERSION} lightning-sae activation cache "
+                f"(format={self.manifest.get('format')!r}, "
+                f"version={self.manifest.get('version')!r}); rewrite the cache."
+            )
+
+    @property
+    def file_tokens(self) -> list[int]:
+        """Tokens in each activation file, in file order."""
+        return [f["n_tokens"] for f in self.manifest["files"]]
+
+    def load(self, index: int, hook_names: list[str]) -> dict[str, Tensor]:
+        """Activations ``{hook: [n, d_in]}`` of file ``index``."""
+        return self._load(self.manifest["files"][index]["name"], hook_names)
+
+    def load_holdout(self, hook_names: list[str]) -> dict[str, Tensor] | None:
+        """Load the held-out activations (``None`` when the cache has none)."""
+        holdout = self.manifest.get("holdout")
+        return None if holdout is None else self._load(holdout["name"], hook_names)
+
+    def _load(self, name: str, hook_names: list[str]) -> dict[str, Tensor]:
+        try:
+            tensors = load_file(self.path / name)
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"Cannot read cache file {self.path / name}: {error}") from error
+        return {hook: tensors[hook] for hook in hook_names}
+
+    def check(self, model_name: str | None, hook_names: list[str]) -> None:
+        """Raise ``ValueError`` if the cache was not written for ``model_name`` and these hooks."""
+        cached_model = self.manifest["model_name"]
+        if model_name is not None and model_name != cached_model:
+            raise ValueError(
+                f"The activation cache {self.path} holds activations of model {cached_model!r}, "
+                f"not {model_name!r}: pass the model it was written with, or write a new cache."
+            )
+        missing = [h for h in hook_names if h not in self.manifest["hook_names"]]
+        if missing:
+            raise ValueError(
+                f"The activation cache {self.path} has no activations for hooks {missing}; it "
+                f"holds {self.manifest['hook_names']}. Ask for those, or write a new cache."
+            )
