@@ -7,6 +7,7 @@
 
 from lightning_sae import metrics
 from lightning_sae.callbacks import SAELensExport
+from lightning_sae.data import ActivationDataModule
 from lightning_sae.export import export_to_sae_lens, load_from_sae_lens
 from lightning_sae.modules import (
     ATMSAE,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATMSAE",
+    "ActivationDataModule",
     "BatchTopKSAE",
     "GatedSAE",
     "JumpReLUSAE",
