@@ -1,8 +1,8 @@
 """Fixtures for the data tests: a small BPE tokenizer and a tiny random HookedTransformer."""
 
+import pydoc_data.topics
 from typing import Any
 
-import pydoc_data.topics
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
