@@ -81,8 +81,10 @@ class SAELensExport(Callback):
     ) -> None:
         """Export when the global step reaches a multiple of ``every_n_steps``."""
         step = trainer.global_step
-        # Under gradient accumulation several batches end on the same global step: export once.
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+        # Under gradient accumulation several batches end on the same global step (the first ones
+        # on step 0, before any update): export once per step, never the initial weights.
+        due = self.every_n_steps and step > 0 and step % self.every_n_steps == 0
+        if due and step != self._last_step:
             self.export(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,0 +1,120 @@
+"""SAELensExport: versioned exports during and at the end of fit, a ``latest`` pointer, rank 0."""
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import loader, quiet_trainer
+from lightning import LightningDataModule, LightningModule
+from sae_lens import SAE
+from safetensors.torch import load_file
+
+from lightning_sae import BatchTopKSAE, SAELensExport, StandardSAE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: a second intra-op thread only adds contention (10x slower on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def exported_steps(dirpath: Path) -> list[str]:
+    return sorted(p.name for p in dirpath.iterdir() if p.name.startswith("step-"))
+
+
+def test_exports_every_n_steps_and_at_fit_end(
+    synthetic_train: torch.Tensor, tmp_path: Path
+) -> None:
+    module = StandardSAE(d_in=32, d_sae=64, seed=0, dead_window_tokens=2048)
+    callback = SAELensExport(tmp_path / "exports", every_n_steps=10, metadata={"hook_name": "h"})
+    trainer = quiet_trainer(max_steps=25, callbacks=[callback])
+    trainer.fit(module, loader(synthetic_train[:8192], batch_size=256))
+
+    dirpath = tmp_path / "exports"
+    assert exported_steps(dirpath) == ["step-000010", "step-000020", "step-000025"]
+    latest = dirpath / "latest"
+    assert latest.is_symlink() and os.readlink(latest) == "step-000025"
+    assert [p.name for p in dirpath.iterdir() if p.name.startswith(".")] == []
+    sae = SAE.load_from_disk(latest)
+    assert sae.cfg.metadata.hook_name == "h"
+    final = load_file(latest / "sae_weights.safetensors")
+    torch.testing.assert_close(final["b_dec"], module.sae.b_dec.detach() / module.activation_scale)
+    assert (latest / "sparsity.safetensors").exists()
+
+
+def test_gradient_accumulation_exports_once_per_step(
+    synthetic_train: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def fake_export(module, path, *args, **kwargs):
+        calls.append(path.name)
+        return path
+
+    monkeypatch.setattr("lightning_sae.callbacks.export_to_sae_lens", fake_export)
+    callback = SAELensExport(tmp_path, every_n_steps=2)
+    module = StandardSAE(d_in=32, d_sae=64, seed=0, dead_window_tokens=2048)
+    trainer = quiet_trainer(max_steps=4, accumulate_grad_batches=3, callbacks=[callback])
+    trainer.fit(module, loader(synthetic_train[:8192], batch_size=128))
+    # Steps 2 and 4 once each although 3 batches end on each, then the final export.
+    assert calls == ["step-000002", "step-000004", "step-000004"]
+
+
+class CalibrationDataModule(LightningDataModule):
+    """Stands in for the activation DataModule (``sae_metadata`` and ``sample_activations``)."""
+
+    def __init__(self, activations: torch.Tensor) -> None:
+        super().__init__()
+        self.activations = activations
+
+    def train_dataloader(self):
+        return loader(self.activations, batch_size=256)
+
+    def sae_metadata(self) -> dict:
+        return {"model_name": "tiny", "hook_name": "blocks.0.hook_resid_post", "context_size": 16}
+
+    def sample_activations(self, n_tokens: int) -> torch.Tensor:
+        return self.activations[-n_tokens:]
+
+
+def test_batchtopk_export_calibrates_from_the_datamodule(
+    synthetic_train: torch.Tensor, synthetic_heldout: torch.Tensor, tmp_path: Path
+) -> None:
+    module = BatchTopKSAE(d_in=32, d_sae=64, k=4, seed=0, dead_window_tokens=2048)
+    callback = SAELensExport(tmp_path, calibration_tokens=4096)
+    trainer = quiet_trainer(max_steps=20, callbacks=[callback])
+    trainer.fit(module, datamodule=CalibrationDataModule(synthetic_train[:8192]))
+
+    cfg = json.loads((tmp_path / "latest" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["metadata"]["model_name"] == "tiny"
+    sae = SAE.load_from_disk(tmp_path / "latest")
+    with torch.no_grad():
+        l0 = (sae.encode(synthetic_heldout) > 0).float().sum(-1).mean().item()
+    assert abs(l0 / 4 - 1) <= 0.05
+
+
+def test_only_global_rank_zero_writes(tmp_path: Path) -> None:
+    module = StandardSAE(d_in=8, d_sae=16)
+    callback = SAELensExport(tmp_path / "exports")
+    other_rank = SimpleNamespace(global_step=5, is_global_zero=False, default_root_dir=tmp_path)
+    callback.setup(other_rank, module, "fit")  # type: ignore[arg-type]
+    assert callback.export(other_rank, module) is None  # type: ignore[arg-type]
+    assert not (tmp_path / "exports").exists()
+
+
+def test_default_folder_and_bad_arguments(tmp_path: Path) -> None:
+    callback = SAELensExport()
+    trainer = SimpleNamespace(default_root_dir=tmp_path)
+    callback.setup(trainer, StandardSAE(d_in=8, d_sae=16), "fit")  # type: ignore[arg-type]
+    assert callback.dirpath == tmp_path / "sae_lens"
+    with pytest.raises(TypeError, match="lightning_sae SAE modules"):
+        callback.setup(trainer, LightningModule(), "fit")  # type: ignore[arg-type]
+    for bad in (0, -3, True):
+        with pytest.raises(ValueError, match="every_n_steps"):
+            SAELensExport(every_n_steps=bad)
