@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,3 +120,54 @@ def test_default_folder_and_bad_arguments(tmp_path: Path) -> None:
     for bad in (0, -3, True):
         with pytest.raises(ValueError, match="every_n_steps"):
             SAELensExport(every_n_steps=bad)
+
+
+DDP_SCRIPT = """
+import sys
+from datetime import timedelta
+
+import torch
+from lightning import Trainer
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sae import SAELensExport, StandardSAE
+
+torch.manual_seed(0)
+data = DataLoader(TensorDataset(torch.randn(4096, 16)), batch_size=64)
+module = StandardSAE(d_in=16, d_sae=32, seed=0, dead_window_tokens=512)
+trainer = Trainer(
+    accelerator="cpu",
+    devices=2,
+    strategy=DDPStrategy(timeout=timedelta(seconds=60)),
+    max_steps=10,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    callbacks=[SAELensExport(sys.argv[1], every_n_steps=5)],
+)
+trainer.fit(module, data)
+print(f"RANK {trainer.global_rank} DONE")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_export_once_on_rank_zero(tmp_path: Path) -> None:
+    """A real 2-rank gloo run, as its own script (``ddp`` relaunches the running script)."""
+    script = tmp_path / "ddp_export.py"
+    script.write_text(DDP_SCRIPT)
+    dirpath = tmp_path / "exports"
+    result = subprocess.run(
+        [sys.executable, str(script), str(dirpath)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RANK 0 DONE" in result.stdout
+    assert exported_steps(dirpath) == ["step-000005", "step-000010"]
+    assert os.readlink(dirpath / "latest") == "step-000010"
+    assert SAE.load_from_disk(dirpath / "latest").cfg.d_in == 16
