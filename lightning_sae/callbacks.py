@@ -58,7 +58,12 @@ class SAELensExport(Callback):
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.every_n_steps = every_n_steps
         self.metadata = dict(metadata or {})
-        self.calibration_activations = calibration_activations
+        # A one-shot iterable (a generator) would be empty at the second export: keep a list.
+        self.calibration_activations = (
+            calibration_activations
+            if calibration_activations is None or isinstance(calibration_activations, Tensor)
+            else list(calibration_activations)
+        )
         self.calibration_tokens = calibration_tokens
         self._last_step: int | None = None
 

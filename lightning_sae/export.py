@@ -212,7 +212,11 @@ def calibrate_batchtopk_threshold(
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
-    if path.is_file() or (path.exists() and not path.is_dir()):
+    if path.is_symlink():
+        raise FileExistsError(
+            f"Export path {path} is a symlink; export to the folder it points to, or to a new path."
+        )
+    if path.exists() and not path.is_dir():
         raise FileExistsError(f"Export path {path} is a file; give a folder path to export into.")
     if path.is_dir() and not overwrite and not _is_replaceable(path):
         names = sorted(p.name for p in path.iterdir())[:5]

@@ -101,6 +101,16 @@ def test_batchtopk_export_calibrates_from_the_datamodule(
     assert abs(l0 / 4 - 1) <= 0.05
 
 
+def test_calibration_batches_from_a_generator_serve_every_export(
+    synthetic_train: torch.Tensor, tmp_path: Path
+) -> None:
+    module = BatchTopKSAE(d_in=32, d_sae=64, k=4, seed=0, dead_window_tokens=2048)
+    batches = (chunk for chunk in synthetic_train[-8192:].split(2048))
+    callback = SAELensExport(tmp_path, every_n_steps=5, calibration_activations=batches)
+    quiet_trainer(max_steps=10, callbacks=[callback]).fit(module, loader(synthetic_train[:4096]))
+    assert exported_steps(tmp_path) == ["step-000005", "step-000010"]
+
+
 def test_only_global_rank_zero_writes(tmp_path: Path) -> None:
     module = StandardSAE(d_in=8, d_sae=16)
     callback = SAELensExport(tmp_path / "exports")

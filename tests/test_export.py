@@ -375,6 +375,12 @@ def test_bad_inputs_fail_clearly_and_write_nothing(
     with pytest.raises(ValueError, match="is a file"):
         load_from_sae_lens(a_file)
 
+    link = tmp_path / "link"
+    link.symlink_to(exports["standard"], target_is_directory=True)
+    with pytest.raises(FileExistsError, match="symlink"):
+        export_to_sae_lens(module, link)
+    link.unlink()
+
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
