@@ -102,6 +102,11 @@ def export_to_sae_lens(
     process dies between moving the old export aside and moving the new one in, the old one is
     kept as ``.<name>.old-*`` beside it). The module is never modified.
 
+    The exported SAE reconstructs like ``module(x)``. Its latents equal ``module.encode(x)``,
+    except for architectures that rank ``hidden_pre * ‖W_dec‖`` (TopK, BatchTopK, Matryoshka):
+    there a latent is the norm of its contribution to the reconstruction, which is now in raw
+    units, so it is ``module.encode(x) / module.activation_scale`` (the same fold as sae-lens's).
+
     Metadata (``model_name``, ``hook_name``, ...) is merged, later winning, from: what the module
     carries (an imported SAE's), ``trainer.datamodule.sae_metadata()`` when the module is attached
     to a trainer whose DataModule has that method, and ``metadata``. ``sae_lens_version`` and the
