@@ -407,10 +407,15 @@ def _load_folder(path: Path, module_kwargs: dict[str, Any]) -> SAEModule:
     _module_class(architecture, str(cfg_path))
     try:
         sae = SAE.load_from_disk(path)
-    except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as error:
+    except SafetensorError as error:
         raise ValueError(
-            f"sae-lens could not load {path} ({weights_path.name} or {cfg_path.name} is corrupt "
-            f"or does not match): {error}"
+            f"{weights_path} is not a readable safetensors file ({error}); export or download it "
+            "again."
+        ) from error
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise ValueError(
+            f"sae-lens could not load {path}: {cfg_path.name} and {weights_path.name} do not match "
+            f"({error!r})."
         ) from error
     density = None
     sparsity_path = path / SPARSITY_FILENAME
