@@ -139,3 +139,25 @@ def test_bf16_keeps_thresholds_in_full_precision(precision, synthetic_train):
         expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
         assert module.sae.W_enc.dtype == expected
         assert module.sae.cfg.dtype == str(expected).removeprefix("torch.")
+
+
+def test_metrics_and_density_histogram_reach_tensorboard(tmp_path, synthetic_train):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = TopKSAE(d_in=D_IN, d_sae=64, k=4, dead_window_tokens=2048)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = quiet_trainer(
+        max_steps=8, logger=logger, log_every_n_steps=2, limit_val_batches=2, val_check_interval=4
+    )
+    trainer.fit(module, loader(synthetic_train[:8192]), loader(synthetic_train[-1024:]))
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for name in ("train/l0", "train/explained_variance", "train/nmse", "train/dead_latent_rate"):
+        assert name in scalars
+    for name in ("val/l0", "val/explained_variance", "val/nmse"):
+        assert name in scalars
+    assert events.Scalars("train/l0")[-1].value == pytest.approx(4.0)
+    assert "train/feature_density_log10" in events.Tags()["histograms"]
+    # Two windows of 2048 tokens closed; the buffer holds the last one's density.
+    assert module.feature_density.sum().item() == pytest.approx(4.0)
