@@ -199,7 +199,9 @@ class BatchTopKSAE(TopKSAE):
     For a batch of ``B`` tokens L0 averages ``k`` but varies per token. Exports as a JumpReLU SAE.
 
     Under DDP the top-k is taken per rank (over that rank's batch), the cheap choice that needs no
-    collective in the forward pass.
+    collective in the forward pass; ``R`` ranks of ``B`` tokens keep ``R·B·k`` activations as one
+    process would, but not necessarily the same ones. The threshold EMA is averaged over ranks
+    after every step, so it is identical everywhere.
 
     Args:
         d_in: Width of the activations.
@@ -239,6 +241,13 @@ class BatchTopKSAE(TopKSAE):
     def sae_config_kwargs(self) -> dict[str, Any]:
         """Add the threshold EMA rate to the TopK fields."""
         return {**super().sae_config_kwargs(), "topk_threshold_lr": self.hparams.topk_threshold_lr}
+
+    def synchronize_sae_state(self) -> None:
+        """Average the threshold EMA (updated from each rank's own batch) over ranks."""
+        world_size = self.trainer.world_size
+        if world_size > 1:
+            threshold = self.sae.topk_threshold
+            self.sae.topk_threshold = self._all_reduce_sum(threshold) / world_size
 
 
 def _default_matryoshka_widths(d_sae: int) -> list[int]:

@@ -296,6 +296,7 @@ class SAEModule(LightningModule):
                 is_logging_step=False,
             )
         )
+        self.synchronize_sae_state()
         self._track_training_statistics(output)
         self.log("train/loss", output.loss, prog_bar=False)
         self.log_dict({f"train/{name}": value for name, value in output.losses.items()})
@@ -335,6 +336,13 @@ class SAEModule(LightningModule):
         mean_norm = (stats[0] / stats[1]).clamp_min(torch.finfo(torch.float32).tiny)
         self.activation_scale.fill_(float(self.hparams.d_in**0.5 / mean_norm))
         self._scale_pending = False
+
+    def synchronize_sae_state(self) -> None:
+        """Make state the SAE updated in its training pass identical on every rank.
+
+        Called after every training forward pass; a no-op unless an architecture keeps such state
+        (BatchTopK's threshold EMA).
+        """
 
     def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
         trainer = self._trainer
