@@ -10,6 +10,7 @@ from lightning_sae.modules.architectures import (
 )
 from lightning_sae.modules.atm import ATMSAE
 from lightning_sae.modules.base import SAEModule, available_architectures, get_module_class
+from lightning_sae.modules.multi import MultiSAEModule
 
 __all__ = [
     "ATMSAE",
@@ -17,6 +18,7 @@ __all__ = [
     "GatedSAE",
     "JumpReLUSAE",
     "MatryoshkaBatchTopKSAE",
+    "MultiSAEModule",
     "SAEModule",
     "StandardSAE",
     "TopKSAE",

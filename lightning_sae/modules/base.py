@@ -54,6 +54,18 @@ def get_module_class(architecture: str) -> type["SAEModule"]:
     raise ValueError(f"Unknown SAE architecture {architecture!r}. Known architectures: {known}.")
 
 
+def adam_with_schedules(modules: "list[SAEModule]") -> dict[str, Any]:
+    """One Adam over the modules' parameter groups, each with its own per-step LR schedule."""
+    optimizer = torch.optim.Adam([module.param_group() for module in modules])
+    schedules = [module.lr_schedule() for module in modules]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+    return {
+        "optimizer": optimizer,
+        # "step": the default "epoch" never fires in one endless streaming epoch.
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }
+
+
 def available_architectures() -> list[str]:
     """Names of every architecture a module is registered for, sorted."""
     return sorted(_MODULES)
@@ -252,6 +264,21 @@ class SAEModule(LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.train_density = FeatureDensity(d_sae)
 
+    # ------------------------------------------------------------------ logging
+    def attach_to(self, owner: LightningModule, log_prefix: str) -> None:
+        """Train as part of ``owner`` (a multi-SAE module): log through it under ``log_prefix``."""
+        # Kept out of the module tree: the owner already holds this module as a child.
+        self.__dict__["_owner"] = owner
+        self.__dict__["_log_prefix"] = log_prefix
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Log like ``LightningModule.log``, through the owning module when there is one."""
+        owner = self.__dict__.get("_owner")
+        if owner is not None:
+            owner.log(f"{self.__dict__['_log_prefix']}{name}", value, *args, **kwargs)
+        else:
+            super().log(name, value, *args, **kwargs)
+
     # ------------------------------------------------------------------ inference API
     def encode(self, x: Tensor) -> Tensor:
         """Latents of activations ``x`` (given in the input's own units)."""
@@ -428,26 +455,30 @@ class SAEModule(LightningModule):
         self.log_dict(self.val_metrics, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        """Adam with a per-step warm-up / constant-or-cosine / linear-decay schedule."""
+    def param_group(self) -> dict[str, Any]:
+        """Return the Adam parameter group of this SAE: parameters, learning rate and betas."""
         hp = self.hparams
-        optimizer = torch.optim.Adam(
-            self.parameters(), lr=hp.lr, betas=(hp.adam_beta1, hp.adam_beta2)
-        )
+        return {
+            "params": list(self.parameters()),
+            "lr": hp.lr,
+            "betas": (hp.adam_beta1, hp.adam_beta2),
+        }
+
+    def lr_schedule(self) -> LRSchedule:
+        """Return the learning-rate multiplier per step (decay needs ``max_steps``)."""
+        hp = self.hparams
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
-        schedule = LRSchedule(
+        return LRSchedule(
             total_steps=max_steps if max_steps and max_steps > 0 else None,
             warm_up_steps=hp.lr_warm_up_steps,
             decay_steps=hp.lr_decay_steps,
             scheduler=hp.lr_scheduler,
             min_lr_ratio=hp.lr_min_ratio,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            # "step": the default "epoch" never fires in one endless streaming epoch.
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Adam with a per-step warm-up / constant-or-cosine / linear-decay schedule."""
+        return adam_with_schedules([self])
 
     # ------------------------------------------------------------------ checkpoints & dtypes
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
