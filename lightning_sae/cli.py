@@ -1,0 +1,59 @@
+"""The ``lightning-sae`` command line: Lightning's ``LightningCLI`` over every SAE module.
+
+Any :class:`~lightning_sae.SAEModule` subclass trains from any
+:class:`~lightning_sae.ActivationDataModule` (or a subclass of it), chosen by class name or
+``class_path``; the SAE's ``d_in`` is read from the DataModule, so configs never repeat it.
+
+.. code-block:: bash
+
+    lightning-sae fit --config examples/batchtopk.yaml
+    lightning-sae fit --config examples/batchtopk.yaml --model TopKSAE --model.k 16
+    lightning-sae fit --config examples/batchtopk.yaml --ckpt_path runs/batchtopk/.../last.ckpt
+    lightning-sae fit --config examples/batchtopk.yaml --trainer.strategy ddp --trainer.devices 2
+
+Everything else is Lightning's: ``fit``/``validate``/``test`` subcommands, ``--print_config``, the
+resolved config saved as ``config.yaml`` in the logger's folder (``SaveConfigCallback``), and
+callbacks such as :class:`~lightning_sae.SAELensExport` under ``trainer.callbacks`` in YAML.
+"""
+
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from lightning_sae.data import ActivationDataModule
+from lightning_sae.modules import SAEModule
+
+
+class SAECLI(LightningCLI):
+    """``LightningCLI`` in subclass mode for SAE modules and activation DataModules.
+
+    The module owns its optimiser and learning-rate schedule (``lr``, ``lr_warm_up_steps``, ...
+    under ``model.init_args``), so the CLI adds no ``--optimizer``/``--lr_scheduler`` options.
+    A ``ValueError`` raised while building the module or the DataModule (a ``k`` above ``d_sae``,
+    an unknown hook name) ends the command with a usage error naming it instead of a traceback.
+    """
+
+    def __init__(self, args: ArgsType = None, **kwargs) -> None:
+        super().__init__(
+            SAEModule,
+            ActivationDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Take the SAE's ``d_in`` from the DataModule's activations."""
+        parser.link_arguments("data.d_in", "model.init_args.d_in", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        """Build the DataModule, module and Trainer; report invalid values as a usage error."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            self.parser.error(f"{type(error).__name__}: {error}")
+
+
+def main(args: ArgsType = None) -> None:
+    """Run the ``lightning-sae`` command (``args`` defaults to ``sys.argv[1:]``)."""
+    SAECLI(args=args)
