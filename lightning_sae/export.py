@@ -100,7 +100,8 @@ def export_to_sae_lens(
     The folder is written beside ``path`` under a temporary name and renamed into place, so an
     interrupted export never leaves a half-written folder where a complete one stood (if the
     process dies between moving the old export aside and moving the new one in, the old one is
-    kept as ``.<name>.old-*`` beside it). The module is never modified.
+    kept as ``.<name>.old-*`` beside it). The module is never modified. Under DDP call it on one
+    rank (``trainer.is_global_zero``), as :class:`~lightning_sae.SAELensExport` does.
 
     The exported SAE reconstructs like ``module(x)``. Its latents equal ``module.encode(x)``,
     except for architectures that rank ``hidden_pre * ‖W_dec‖`` (TopK, BatchTopK, Matryoshka):
@@ -164,16 +165,17 @@ def calibrate_batchtopk_threshold(
     decoder-norm-scaled pre-activations when ``rescale_acts_by_decoder_norm``). Over the whole
     calibration set of ``N`` tokens, this estimator takes the threshold between the ``m``-th and
     ``(m+1)``-th largest values, ``m = floor(N·k)``: the set's ``(1 - k/d_sae)`` quantile, so the
-    exported ``π > θ`` fires on exactly ``m`` entries there, i.e. mean L0 = ``k`` on that set, and
-    it is the limit of the training-time batch top-k as ``B`` grows. On other tokens the L0 error
-    is the sampling error of that quantile, which falls as ``1/sqrt(N)`` (tokens, not entries, are
-    the independent unit: a token's latents fire together). Measured on synthetic activations
-    (d_sae 128 and 512, k 8 and 16, 30 and 120 steps, 5 calibration sets each, L0 on 16,384 other
-    tokens): worst relative L0 error 6.2 % with N = 1,024, 4.5 % with 4,096, 2.8 % with 16,384;
-    active sets agree with the training batch top-k on 4,096-token batches with Jaccard >= 0.944,
-    0.960, 0.975 respectively. sae-lens's own estimate, an EMA (rate ``topk_threshold_lr``) of the
-    smallest kept activation per batch, starts at 0 and tracks a batch minimum rather than a
-    quantile: in the same runs it gave L0 54 for k = 8 and 110 for k = 16, so it is not used.
+    exported ``π > θ`` fires on exactly ``m`` entries there (up to float rounding of the fold), i.e.
+    mean L0 = ``k`` on that set, and it is the limit of the training-time batch top-k as ``B``
+    grows. On other tokens the L0 error is the sampling error of that quantile, which falls as
+    ``1/sqrt(N)`` (tokens, not entries, are the independent unit: a token's latents fire together).
+    Measured on synthetic activations (d_sae 128 and 512, k 8 and 16, 30 and 120 steps, 5
+    calibration sets each, L0 on 16,384 other tokens): worst relative L0 error 6.2 % with N = 1,024,
+    4.5 % with 4,096, 2.8 % with 16,384; active sets agree with the training batch top-k on
+    4,096-token batches with Jaccard >= 0.944, 0.960, 0.975 respectively. sae-lens's own estimate,
+    an EMA (rate ``topk_threshold_lr``) of the smallest kept activation per batch, starts at 0 and
+    tracks a batch minimum rather than a quantile: in the same runs it gave L0 54 for k = 8 and 110
+    for k = 16, so it is not used.
 
     The pre-activations are sae-lens's own (``encode_with_hidden_pre``); only the top ``m + 1``
     values are kept while streaming chunks, so memory is ``O(N·k + chunk_size·d_sae)``.
