@@ -119,7 +119,8 @@ def export_to_sae_lens(
         metadata: sae-lens metadata; keys must be in :data:`SAE_LENS_METADATA_KEYS`.
         calibration_activations: Raw (unscaled) held-out activations ``[n, d_in]``, or an iterable
             of such batches, to calibrate a BatchTopK threshold. ``None`` draws
-            ``calibration_tokens`` from ``trainer.datamodule.sample_activations``.
+            ``calibration_tokens`` from ``trainer.datamodule.sample_activations`` (for the
+            export's ``hook_name`` when that method takes a ``hook_name`` argument).
         calibration_tokens: Tokens to draw from the DataModule when calibrating.
         overwrite: Replace a non-empty folder that is not an earlier export.
 
@@ -135,7 +136,9 @@ def export_to_sae_lens(
     path = Path(path)
     _check_target(path, overwrite)
     merged_metadata = _export_metadata(module, metadata)
-    sae = _inference_copy(module, calibration_activations, calibration_tokens)
+    sae = _inference_copy(
+        module, calibration_activations, calibration_tokens, merged_metadata.get("hook_name")
+    )
     with _atomic_folder(path, overwrite) as tmp:
         sae.save_inference_model(tmp)
         cfg_path = tmp / SAE_CFG_FILENAME
@@ -298,20 +301,26 @@ def _inference_copy(
     module: SAEModule,
     calibration_activations: Tensor | Iterable[Tensor] | None,
     calibration_tokens: int,
+    hook_name: str | None,
 ) -> Any:
     """Deep-copy ``module.sae``, fold the activation scale and calibrate a BatchTopK threshold."""
     sae = copy.deepcopy(module.sae)
     sae.eval()
     sae.fold_activation_norm_scaling_factor(float(module.activation_scale))
     if isinstance(sae, BatchTopKTrainingSAE):
-        activations = _calibration_activations(module, calibration_activations, calibration_tokens)
+        activations = _calibration_activations(
+            module, calibration_activations, calibration_tokens, hook_name
+        )
         threshold = calibrate_batchtopk_threshold(sae, activations.to(sae.W_enc.device))
         sae.topk_threshold.fill_(threshold)
     return sae.to("cpu")
 
 
 def _calibration_activations(
-    module: SAEModule, given: Tensor | Iterable[Tensor] | None, n_tokens: int
+    module: SAEModule,
+    given: Tensor | Iterable[Tensor] | None,
+    n_tokens: int,
+    hook_name: str | None,
 ) -> Tensor:
     d_in = module.hparams.d_in
     if given is None:
@@ -323,7 +332,11 @@ def _calibration_activations(
                 "Pass calibration_activations=<tensor [n, d_in] of raw activations>, or train with "
                 "a DataModule that has sample_activations(n_tokens)."
             )
-        given = sample(n_tokens)
+        # A DataModule of several hooks samples the one this SAE is exported for.
+        takes_hook = "hook_name" in inspect.signature(sample).parameters
+        given = (
+            sample(n_tokens, hook_name=hook_name) if takes_hook and hook_name else sample(n_tokens)
+        )
     batches = [given] if isinstance(given, Tensor) else list(given)
     if not batches or not all(isinstance(b, Tensor) and b.ndim == 2 for b in batches):
         raise ValueError(

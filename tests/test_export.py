@@ -236,7 +236,7 @@ class MetadataDataModule(LightningDataModule):
     def __init__(self, activations: torch.Tensor) -> None:
         super().__init__()
         self.activations = activations
-        self.requested: list[int] = []
+        self.requested: list[tuple[int, str | None]] = []
 
     def train_dataloader(self):
         return loader(self.activations, batch_size=256)
@@ -253,8 +253,8 @@ class MetadataDataModule(LightningDataModule):
             "exclude_special_tokens": False,
         }
 
-    def sample_activations(self, n_tokens: int) -> torch.Tensor:
-        self.requested.append(n_tokens)
+    def sample_activations(self, n_tokens: int, hook_name: str | None = None) -> torch.Tensor:
+        self.requested.append((n_tokens, hook_name))
         return self.activations[-n_tokens:]
 
 
@@ -264,14 +264,17 @@ def test_metadata_and_calibration_from_the_datamodule(
     datamodule = MetadataDataModule(synthetic_train[:4096])
     module = build_module("batchtopk")
     quiet_trainer(max_steps=5).fit(module, datamodule=datamodule)
-    path = export_to_sae_lens(
-        module, tmp_path / "sae", {"dataset_path": "override"}, calibration_tokens=2048
-    )
-    meta = json.loads((path / "cfg.json").read_text())["metadata"]
-    assert datamodule.requested == [2048]
-    assert meta["model_name"] == "tiny-model" and meta["prepend_bos"] is True
-    assert meta["dataset_path"] == "override"  # explicit metadata wins
+    path = export_to_sae_lens(module, tmp_path / "sae", calibration_tokens=2048)
+    assert datamodule.requested == [(2048, HOOK)]
     assert SAE.load_from_disk(path).cfg.metadata.hook_name == HOOK
+    meta = json.loads((path / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == "tiny-model" and meta["prepend_bos"] is True
+    # Explicit metadata wins, and a multi-hook DataModule samples the exported SAE's hook.
+    other = {"dataset_path": "override", "hook_name": "blocks.1.hook_resid_post"}
+    path = export_to_sae_lens(module, tmp_path / "other", other, calibration_tokens=1024)
+    meta = json.loads((path / "cfg.json").read_text())["metadata"]
+    assert (meta["dataset_path"], meta["hook_name"]) == ("override", "blocks.1.hook_resid_post")
+    assert datamodule.requested[-1] == (1024, "blocks.1.hook_resid_post")
 
 
 def test_unknown_metadata_key_is_rejected(trained: dict[str, SAEModule], tmp_path: Path) -> None:
