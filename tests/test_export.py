@@ -403,6 +403,14 @@ def test_bad_inputs_fail_clearly_and_write_nothing(
     with pytest.raises(ValueError, match=r"unknown/cfg.json has architecture 'mystery'"):
         load_from_sae_lens(unknown)
 
+    unfolded = tmp_path / "unfolded"
+    export_to_sae_lens(module, unfolded)
+    cfg = json.loads((unfolded / "cfg.json").read_text())
+    cfg["normalize_activations"] = "layer_norm"
+    (unfolded / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unfolded normalises activations at run time"):
+        load_from_sae_lens(unfolded)
+
     corrupt = tmp_path / "corrupt"
     export_to_sae_lens(module, corrupt)
     (corrupt / "sae_weights.safetensors").write_bytes(b"\x00garbage")
