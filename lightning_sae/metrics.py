@@ -29,6 +29,27 @@ def _flatten_tokens(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def active_counts(feature_acts: Tensor) -> Tensor:
+    """Per-latent firing counts of a ``[..., d_sae]`` batch, with the token count appended.
+
+    One pass over the latents that :class:`L0`, :class:`FeatureDensity` and a dead-latent tracker
+    can all share (``[d_sae + 1]``, int64).
+    """
+    acts = _flatten_tokens(feature_acts)
+    counts = torch.count_nonzero(acts, dim=0)
+    return torch.cat([counts, counts.new_tensor([acts.shape[0]])])
+
+
+def _counts_and_tokens(
+    feature_acts: Tensor | None, counts: Tensor | None
+) -> tuple[Tensor, Tensor | int]:
+    if (feature_acts is None) == (counts is None):
+        raise ValueError("Pass exactly one of feature_acts and active_counts.")
+    if counts is None:
+        counts = active_counts(feature_acts)
+    return counts[:-1], counts[-1].to(_F64)
+
+
 class L0(Metric):
     """Mean number of active (non-zero) latents per token."""
 
@@ -44,11 +65,21 @@ class L0(Metric):
         self.add_state("active", torch.zeros((), dtype=_F64), dist_reduce_fx="sum")
         self.add_state("tokens", torch.zeros((), dtype=_F64), dist_reduce_fx="sum")
 
-    def update(self, feature_acts: Tensor) -> None:
-        """Count the active latents of a ``[..., d_sae]`` batch of latents."""
-        acts = _flatten_tokens(feature_acts)
-        self.active += torch.count_nonzero(acts).to(_F64)
-        self.tokens += acts.shape[0]
+    def update(
+        self, feature_acts: Tensor | None = None, *, active_counts: Tensor | None = None
+    ) -> None:
+        """Count the active latents of a ``[..., d_sae]`` batch of latents.
+
+        Args:
+            feature_acts: The latents.
+            active_counts: Instead of ``feature_acts``, per-latent firing counts
+                (:func:`active_counts`) already computed for another metric, plus the token count
+                as a last element — saves a pass over ``[batch, d_sae]`` on the training hot path.
+
+        """
+        counts, tokens = _counts_and_tokens(feature_acts, active_counts)
+        self.active += counts.sum().to(_F64)
+        self.tokens += tokens
 
     def compute(self) -> Tensor:
         """Return the mean L0 over every token seen."""
@@ -135,11 +166,19 @@ class FeatureDensity(Metric):
         self.add_state("counts", torch.zeros(d_sae, dtype=_F64), dist_reduce_fx="sum")
         self.add_state("tokens", torch.zeros((), dtype=_F64), dist_reduce_fx="sum")
 
-    def update(self, feature_acts: Tensor) -> None:
-        """Count, per latent, the tokens of a ``[..., d_sae]`` batch on which it fired."""
-        acts = _flatten_tokens(feature_acts)
-        self.counts += torch.count_nonzero(acts, dim=0).to(_F64)
-        self.tokens += acts.shape[0]
+    def update(
+        self, feature_acts: Tensor | None = None, *, active_counts: Tensor | None = None
+    ) -> None:
+        """Count, per latent, the tokens of a ``[..., d_sae]`` batch on which it fired.
+
+        Args:
+            feature_acts: The latents.
+            active_counts: Instead of ``feature_acts``, the output of :func:`active_counts`.
+
+        """
+        counts, tokens = _counts_and_tokens(feature_acts, active_counts)
+        self.counts += counts.to(_F64)
+        self.tokens += tokens
 
     def compute(self) -> Tensor:
         """Return the firing frequency of each latent, shape ``[d_sae]``."""

@@ -100,7 +100,7 @@ def test_two_processes_equal_one_process_on_the_union():
     """Real gloo process group, 2 ranks with different shard sizes, run as its own process."""
     script = Path(__file__).parent / "scripts" / "ddp_metrics.py"
     result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("METRIC ")]
@@ -108,3 +108,19 @@ def test_two_processes_equal_one_process_on_the_union():
     for line in lines:
         _, name, distributed, single = line.split()
         np.testing.assert_allclose(float(distributed), float(single), rtol=1e-9, err_msg=name)
+
+
+def test_shared_count_pass_equals_direct_updates():
+    from lightning_sae.metrics import active_counts
+
+    counts = active_counts(ACTS)
+    assert counts.tolist() == [1, 1, 0, 3, 3]
+    direct, shared = L0(), L0()
+    direct.update(ACTS)
+    shared.update(active_counts=counts)
+    assert direct.compute() == shared.compute()
+    density = FeatureDensity(4)
+    density.update(active_counts=counts)
+    assert density.compute().tolist() == pytest.approx([1 / 3, 1 / 3, 0.0, 1.0])
+    with pytest.raises(ValueError, match="exactly one"):
+        L0().update(ACTS, active_counts=counts)

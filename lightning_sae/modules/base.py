@@ -26,6 +26,7 @@ from lightning_sae.metrics import (
     ExplainedVariance,
     FeatureDensity,
     NormalizedMSE,
+    active_counts,
     log10_feature_density,
 )
 from lightning_sae.optim import LRSchedule, LRSchedulerName, warm_up_coefficient
@@ -253,16 +254,16 @@ class SAEModule(LightningModule):
         """Create the train/val metric collections and the dead-latent window metrics."""
         d_in, d_sae = self.hparams.d_in, self.hparams.d_sae
         # Updated with keyword arguments: each metric takes the ones its update() names.
-        metrics = MetricCollection(
-            {
-                "l0": L0(),
-                "explained_variance": ExplainedVariance(d_in),
-                "nmse": NormalizedMSE(d_in),
-            }
-        )
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.train_density = FeatureDensity(d_sae)
+        reconstruction = {
+            "explained_variance": ExplainedVariance(d_in),
+            "nmse": NormalizedMSE(d_in),
+        }
+        # One compute group: EV and NMSE share their states, so one update feeds both.
+        self.train_metrics = MetricCollection(reconstruction, prefix="train/")
+        self.val_metrics = MetricCollection({"l0": L0(), **reconstruction}, prefix="val/").clone()
+        # The training step feeds these two from one count pass over [batch, d_sae].
+        self.train_l0 = L0()
+        self.train_density = FeatureDensity(d_sae)  # reset every dead_window_tokens
 
     # ------------------------------------------------------------------ logging
     def attach_to(self, owner: LightningModule, log_prefix: str) -> None:
@@ -383,11 +384,13 @@ class SAEModule(LightningModule):
         feature_acts = output.feature_acts
         world_size = self.trainer.world_size if self._trainer is not None else 1
         batch_tokens = feature_acts.shape[0] * world_size
-        fired = self._all_reduce_sum((feature_acts != 0).any(dim=0).to(torch.float32)) > 0
+        counts = active_counts(feature_acts)  # the one pass over [batch, d_sae]
+        fired = self._all_reduce_sum((counts[:-1] > 0).to(torch.float32)) > 0
         self.tokens_since_fired.add_(batch_tokens).masked_fill_(fired, 0)
 
-        self.train_metrics.update(x=output.sae_in, x_hat=output.sae_out, feature_acts=feature_acts)
-        self.train_density.update(feature_acts)
+        self.train_metrics.update(output.sae_in, output.sae_out)
+        self.train_l0.update(active_counts=counts)
+        self.train_density.update(active_counts=counts)
         self._window_tokens += batch_tokens
         self._tokens_since_log += batch_tokens
 
@@ -401,8 +404,9 @@ class SAEModule(LightningModule):
 
     def _log_window_metrics(self) -> None:
         # compute() is a collective under DDP; every rank reaches this on the same step.
-        values = self.train_metrics.compute()
+        values = {**self.train_metrics.compute(), "train/l0": self.train_l0.compute()}
         self.train_metrics.reset()
+        self.train_l0.reset()
         now = time.perf_counter()
         if self._last_log_time is not None:
             values["train/tokens_per_sec"] = torch.tensor(
