@@ -82,7 +82,7 @@ def test_trains_under_fit_with_falling_loss_and_masks(trained):
     module, recorder = trained
     losses = recorder.losses
     assert len(losses) == 80
-    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
     assert all(torch.isfinite(torch.tensor(losses)))
     assert module.sae.ema_frequency.sum() > 0  # statistics were tracked
     assert (module.sae.masking_probability() > 0).any()  # and some latents are being masked
