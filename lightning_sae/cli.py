@@ -16,10 +16,23 @@ resolved config saved as ``config.yaml`` in the logger's folder (``SaveConfigCal
 callbacks such as :class:`~lightning_sae.SAELensExport` under ``trainer.callbacks`` in YAML.
 """
 
+from typing import NoReturn
+
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_sae.data import ActivationDataModule
-from lightning_sae.modules import SAEModule
+from lightning_sae.modules import SAEModule, available_architectures, get_module_class
+
+
+class SAEArgumentParser(LightningArgumentParser):
+    """Lightning's parser; an error about ``--model`` also lists the SAE modules to choose from."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Exit with ``message`` (status 2), naming the SAE modules when ``model`` is at fault."""
+        if 'Parser key "model"' in message:
+            names = sorted(get_module_class(name).__name__ for name in available_architectures())
+            message += f"\nSAE modules (--model NAME): {', '.join(names)}.\n"
+        super().error(message, ex)
 
 
 class SAECLI(LightningCLI):
@@ -38,6 +51,7 @@ class SAECLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             auto_configure_optimizers=False,
+            parser_class=SAEArgumentParser,
             args=args,
             **kwargs,
         )
