@@ -129,7 +129,7 @@ def test_exporter_contract(model, documents):
 
 
 def test_token_sources_agree(model, tokenizer, documents, tmp_path):
-    """Text, a datasets.Dataset, jsonl files, token lists and a 2-D tensor give the same rows."""
+    """Text, datasets (streaming or not), jsonl, token lists and a 2-D tensor give the same rows."""
     texts = documents[:12]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     path = tmp_path / "docs.jsonl"
@@ -139,6 +139,7 @@ def test_token_sources_agree(model, tokenizer, documents, tmp_path):
         datasets.Dataset.from_dict({"text": texts}),
         datasets.Dataset.from_dict({"input_ids": ids}),
         str(path),
+        datasets.load_dataset("json", data_files=str(path), split="train", streaming=True),
         [torch.tensor(i) for i in ids],
     ]
     expected = None
