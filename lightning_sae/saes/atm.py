@@ -36,13 +36,12 @@ What the paper does not publish, and is our choice (each a hyper-parameter of
   ``atm_mask_granularity="batch"`` draws one decision per latent for the whole batch.
 * **Timing**: the mask at step ``t`` uses the EMAs up to step ``t - 1``, and masking starts after
   ``atm_warm_up_steps`` steps, when the EMAs have seen enough batches to mean something.
-* Under DDP each rank keeps its own EMAs (no collective in the forward pass); they agree closely
-  because every rank sees the same distribution.
+* Under DDP each rank keeps its own EMAs (no collective in the forward pass); they differ only by
+  the sampling noise of the ranks' batches, and a checkpoint holds rank 0's.
 
 The forward pass is vectorised and never syncs with the host: the warm-up test uses the Python
 step count, and the mask uses the global ``torch.rand`` so Lightning's seeding applies.
 
->>> import torch
 >>> from lightning_sae.saes import ATMTrainingSAE, ATMTrainingSAEConfig
 >>> sae = ATMTrainingSAE(ATMTrainingSAEConfig(d_in=8, d_sae=32))
 >>> sae.cfg.get_inference_config_class().architecture()
@@ -156,6 +155,7 @@ class ATMTrainingSAE(StandardTrainingSAE):
 
     Buffers ``ema_magnitude``, ``ema_frequency`` and ``ema_contribution`` (float32, ``[d_sae]``)
     are part of the state dict, so training checkpoints resume them; inference exports drop them.
+    ``ATMSAE`` keeps them float32 under any Trainer precision (a bare ``sae.to(dtype)`` casts them).
     """
 
     cfg: ATMTrainingSAEConfig  # type: ignore[assignment]
