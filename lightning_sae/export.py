@@ -178,7 +178,10 @@ def calibrate_batchtopk_threshold(
     4,096-token batches with Jaccard >= 0.944, 0.960, 0.975 respectively. sae-lens's own estimate,
     an EMA (rate ``topk_threshold_lr``) of the smallest kept activation per batch, starts at 0 and
     tracks a batch minimum rather than a quantile: in the same runs it gave L0 54 for k = 8 and 110
-    for k = 16, so it is not used.
+    for k = 16, so it is not used. On real activations (SmolLM2-135M layer 15 on Shakespeare, d_sae
+    2,304, k 32, 60 steps; calibration and test tokens from different scenes) the worst errors were
+    5.9 %, 4.9 % and 3.1 % for N = 1,024, 4,096 and 16,384, mostly the difference between
+    documents (calibrate on many), Jaccard >= 0.948, 0.972, 0.998, and the EMA gave L0 267.
 
     The pre-activations are sae-lens's own (``encode_with_hidden_pre``); only the top ``m + 1``
     values are kept while streaming chunks, so memory is ``O(N·k + chunk_size·d_sae)``.
