@@ -10,7 +10,8 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_ten_line_example_runs_as_written():
+def test_ten_line_example_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the Trainer writes its checkpoint under the working directory
     block = next(b for b in python_blocks() if "Trainer(" in b and "BatchTopKSAE" in b)
     assert len(block.strip().splitlines()) <= 10
     namespace: dict = {}
