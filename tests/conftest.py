@@ -5,6 +5,10 @@ import torch
 from helpers import build_feature_dictionary, synthetic_activations
 from sae_lens.synthetic import FeatureDictionary
 
+# The tests' matrices are tiny: one intra-op thread avoids oversubscribing a 2-core machine
+# (about 10x faster under load, measured on a 30-step fit).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def feature_dictionary() -> FeatureDictionary:

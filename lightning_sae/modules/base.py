@@ -16,7 +16,13 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from sae_lens.registry import get_sae_training_class
-from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import (
+    SAEMetadata,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
 from sae_lens.util import dtype_to_str
 from torch import Tensor
 from torchmetrics import MetricCollection
@@ -185,6 +191,7 @@ class SAEModule(LightningModule):
 
         self._scale_pending = normalize_activations and activation_scale is None
         self._window_tokens = 0
+        self._density_published = False
         self._last_log_time: float | None = None
         self._tokens_since_log = 0
 
@@ -434,6 +441,7 @@ class SAEModule(LightningModule):
         self.train_density.reset()
         self._window_tokens = 0
         self.feature_density.copy_(density)
+        self._density_published = True
         log_density = log10_feature_density(density)
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -442,9 +450,13 @@ class SAEModule(LightningModule):
                 )
         return density
 
+    def on_train_start(self) -> None:
+        """Start counting the density windows this fit closes."""
+        self._density_published = False
+
     def on_train_end(self) -> None:
-        """Publish a window still open at the end of fit if none closed (for the exporter)."""
-        if self._window_tokens > 0 and not bool(self.feature_density.any()):
+        """Publish the open window if this fit closed none, so the exporter sees this run."""
+        if self._window_tokens > 0 and not self._density_published:
             self._publish_feature_density()
 
     # ------------------------------------------------------------------ validation
@@ -485,9 +497,15 @@ class SAEModule(LightningModule):
         return adam_with_schedules([self])
 
     # ------------------------------------------------------------------ checkpoints & dtypes
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the SAE's metadata (model, hook, dataset; e.g. of an imported release)."""
+        checkpoint["sae_metadata"] = self.sae.cfg.metadata.to_dict()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the checkpoint's activation scale: never re-estimate it on resume."""
+        """Restore the metadata and keep the checkpoint's activation scale (never re-estimate)."""
         self._scale_pending = False
+        if "sae_metadata" in checkpoint:
+            self.sae.cfg.metadata = SAEMetadata(**checkpoint["sae_metadata"])
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SAEModule":
         """Move/cast like any module, but keep thresholds in full precision and resync the SAE.
@@ -509,18 +527,6 @@ class SAEModule(LightningModule):
             else:
                 owner._buffers[name] = tensor.to(dtype)
         sae = self.sae
-        sae.dtype = sae.W_enc.dtype
-        sae.device = sae.W_enc.device
-        sae.cfg.dtype = dtype_to_str(sae.dtype)
-        sae.cfg.device = str(sae.device)
-        return self
-        for name, dtype in self._full_precision_dtypes.items():
-            tensor = getattr(sae, name)
-            if tensor.dtype != dtype:
-                if isinstance(tensor, torch.nn.Parameter):
-                    tensor.data = tensor.data.to(dtype)
-                else:
-                    sae._buffers[name] = tensor.to(dtype)
         sae.dtype = sae.W_enc.dtype
         sae.device = sae.W_enc.device
         sae.cfg.dtype = dtype_to_str(sae.dtype)

@@ -90,9 +90,11 @@ def test_checkpoint_round_trip_keeps_class_and_hyperparameters(tmp_path, synthet
     module = BatchTopKSAE(d_in=D_IN, d_sae=64, k=3.5, lr=1e-3, dead_window_tokens=1024)
     trainer = quiet_trainer(max_steps=3, enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.fit(module, loader(synthetic_train[:2048]))
+    module.sae.cfg.metadata.model_name = "gpt2"  # e.g. carried over from an imported release
     path = tmp_path / "batchtopk.ckpt"
     trainer.save_checkpoint(path)
     restored = SAEModule.load_from_checkpoint(path)
+    assert restored.sae.cfg.metadata.model_name == "gpt2"
     assert type(restored) is BatchTopKSAE
     assert restored.hparams.k == 3.5 and restored.hparams.lr == 1e-3
     assert restored.sae.cfg.k == 3.5
@@ -161,3 +163,10 @@ def test_metrics_and_density_histogram_reach_tensorboard(tmp_path, synthetic_tra
     assert "train/feature_density_log10" in events.Tags()["histograms"]
     # Two windows of 2048 tokens closed; the buffer holds the last one's density.
     assert module.feature_density.sum().item() == pytest.approx(4.0)
+
+
+def test_a_short_fit_publishes_its_own_density(synthetic_train):
+    module = TopKSAE(d_in=D_IN, d_sae=64, k=4)  # window of 10M tokens never closes here
+    module.feature_density.fill_(0.5)  # e.g. an imported release's density
+    quiet_trainer(max_steps=3).fit(module, loader(synthetic_train[:2048]))
+    assert module.feature_density.sum().item() == pytest.approx(4.0)  # this run's L0
