@@ -169,4 +169,4 @@ def test_a_short_fit_publishes_its_own_density(synthetic_train):
     module = TopKSAE(d_in=D_IN, d_sae=64, k=4)  # window of 10M tokens never closes here
     module.feature_density.fill_(0.5)  # e.g. an imported release's density
     quiet_trainer(max_steps=3).fit(module, loader(synthetic_train[:2048]))
-    assert module.feature_density.sum().item() == pytest.approx(4.0)  # this run's L0
+    assert 3.0 < module.feature_density.sum().item() <= 4.0  # this run's L0, not 0.5 * 64
