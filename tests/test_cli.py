@@ -1,0 +1,157 @@
+"""The ``lightning-sae`` command line, driven through ``main([...])`` with the shipped configs.
+
+Every ``examples/*.yaml`` runs as written (SmolLM2-135M and Shakespeare, offline) with a few
+overrides that only shrink the run: layer 0, 64 latents, 128-token batches, 2 steps, 512
+calibration tokens. The SmolLM2
+conversion is cached once per user (``lightning_sae.data.offline.cache_root``) and shared by every
+test.
+"""
+
+import importlib.metadata
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from sae_lens import SAE
+
+from lightning_sae.cli import main
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
+#: The inference architecture each example's export loads as in plain sae-lens.
+EXPORTED_AS = {
+    "standard": "standard",
+    "gated": "gated",
+    "jumprelu": "jumprelu",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "matryoshka_batchtopk": "jumprelu",
+    "atm": "standard",
+}
+
+
+def small_run(root: Path, steps: int = 2) -> list[str]:
+    """Overrides that keep an example's meaning but make it a seconds-long run under ``root``."""
+    return [
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.max_steps={steps}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--data.init_args.hook_names=model.layers.0",
+        "--data.init_args.context_size=64",
+        "--data.init_args.batch_size=128",
+        "--data.init_args.shuffle_buffer_tokens=512",
+        "--model.init_args.d_sae=64",
+        "--model.init_args.lr_warm_up_steps=0",
+        "--model.init_args.lr_decay_steps=0",
+        # Applies to the last callback, SAELensExport: calibrate BatchTopK on one model chunk.
+        "--trainer.callbacks.calibration_tokens=512",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _offline_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub retries; ``sys.argv`` as the console script sees it (main() gets its own args)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["lightning-sae"])
+
+
+def test_every_architecture_has_an_example():
+    assert {path.stem for path in CONFIGS} == set(EXPORTED_AS)
+
+
+def test_console_script_points_at_main():
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="lightning-sae")
+    assert script.value == "lightning_sae.cli:main"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
+def test_example_trains_and_exports(config: Path, tmp_path: Path):
+    main(["fit", "--config", str(config), *small_run(tmp_path)])
+
+    export = tmp_path / "sae_lens" / "latest"
+    assert export.resolve().name == "step-000002"
+    sae = SAE.load_from_disk(str(export))
+    assert sae.cfg.architecture() == EXPORTED_AS[config.stem]
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (576, 64)  # d_in linked from the DataModule
+    assert sae.cfg.metadata.hook_name == "model.layers.0"
+    assert sae.cfg.metadata.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert torch.isfinite(sae.W_dec).all()
+
+    (saved,) = tmp_path.glob("lightning_logs/version_0/config.yaml")  # beside the logs
+    run = yaml.safe_load(saved.read_text())
+    assert run["model"]["init_args"]["d_sae"] == 64
+    callbacks = [callback["class_path"] for callback in run["trainer"]["callbacks"]]
+    assert "lightning_sae.SAELensExport" in callbacks
+
+
+@pytest.mark.slow
+def test_short_model_name_and_resume_from_checkpoint(tmp_path: Path):
+    args = ["fit", "--config", str(EXAMPLES / "topk.yaml"), "--model", "BatchTopKSAE"]
+    main([*args, "--model.init_args.k=8", *small_run(tmp_path)])
+    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["hyper_parameters"]["architecture"] == "batchtopk"
+    assert state["hyper_parameters"]["k"] == 8
+
+    main([*args, *small_run(tmp_path, steps=3), f"--ckpt_path={checkpoint}"])
+    resumed = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, map_location="cpu", weights_only=True)["global_step"] == 3
+    cfg = json.loads((tmp_path / "sae_lens" / "latest" / "cfg.json").read_text())
+    assert cfg["metadata"]["training_architecture"] == "batchtopk"
+    assert (tmp_path / "sae_lens" / "step-000003").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("bad_input", "message"),
+    [
+        (["--model", "NoSuchSAE"], "NoSuchSAE"),
+        (["--model.init_args.kk=3"], "Option 'kk' is not accepted"),
+        (["--config", "WRONG_TYPE"], "Parser key \"k\":\n          Expected a <class 'int'>"),
+    ],
+    ids=["unknown-architecture", "misspelt-argument", "yaml-value-of-wrong-type"],
+)
+def test_bad_input_is_a_usage_error(bad_input, message, tmp_path, capsys):
+    wrong_type = tmp_path / "wrong_type.yaml"
+    wrong_type.write_text("model:\n  init_args:\n    k: many\n")
+    bad_input = [str(wrong_type) if arg == "WRONG_TYPE" else arg for arg in bad_input]
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(EXAMPLES / "topk.yaml"), *bad_input])
+
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error
+    if "NoSuchSAE" in bad_input:
+        assert "SAE modules (--model NAME): ATMSAE, BatchTopKSAE," in error
+
+
+@pytest.mark.slow
+def test_invalid_value_found_at_construction_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(EXAMPLES / "topk.yaml"), *small_run(tmp_path), "--model.k=65"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "error: ValueError" in error
+    assert "k must satisfy 0 < k <= d_sae (64), got 65" in error
+    assert "Traceback" not in error
+
+
+@pytest.mark.slow
+def test_fit_export_load_example(tmp_path, capsys):
+    example = runpy.run_path(str(EXAMPLES / "fit_export_load.py"))
+    args = ["--steps=2", "--layer=0", "--batch-size=128", "--d-sae=64", f"--out={tmp_path}"]
+    example["main"](args)
+
+    printed = capsys.readouterr().out
+    assert "sae-lens loaded a topk SAE (576 -> 64)" in printed
+    assert "at model.layers.0, context 128" in printed
+    max_difference = float(printed.rsplit(": ", 1)[1])
+    assert max_difference < 1e-4
+    assert (tmp_path / "sae_lens" / "step-000001").is_dir()  # the mid-run export
