@@ -1,4 +1,4 @@
-"""Two DDP ranks (gloo, CPU) read disjoint token shards that cover the source, and never hang."""
+"""Two DDP ranks (gloo, CPU): disjoint token shards covering the source, no hang, exact resume."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_two_ranks_read_disjoint_shards_covering_the_source(tmp_path):
+def test_two_ranks_read_disjoint_shards_and_resume_exactly(tmp_path):
     script = Path(__file__).with_name("ddp_shards.py")
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path)],
@@ -22,3 +22,4 @@ def test_two_ranks_read_disjoint_shards_covering_the_source(tmp_path):
     assert all(len(r["rows"]) == len(set(r["rows"])) == 20 for r in records)
     assert rows[0].isdisjoint(rows[1])
     assert rows[0] | rows[1] == set(range(40))
+    assert [(r["resumed_batches"], r["resumed_equal"]) for r in records] == [(8, True)] * 2
