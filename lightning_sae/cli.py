@@ -7,7 +7,7 @@ Any :class:`~lightning_sae.SAEModule` subclass trains from any
 .. code-block:: bash
 
     lightning-sae fit --config examples/batchtopk.yaml
-    lightning-sae fit --config examples/batchtopk.yaml --model TopKSAE --model.k 16
+    lightning-sae fit --config examples/topk.yaml --model BatchTopKSAE --model.k 16
     lightning-sae fit --config examples/batchtopk.yaml --ckpt_path runs/batchtopk/.../last.ckpt
     lightning-sae fit --config examples/batchtopk.yaml --trainer.strategy ddp --trainer.devices 2
 
