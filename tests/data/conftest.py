@@ -3,6 +3,7 @@
 import pydoc_data.topics
 from typing import Any
 
+import huggingface_hub.constants
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -53,4 +54,5 @@ def model(tokenizer: Any) -> HookedTransformer:
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """The hub is unreachable here: fail at once instead of retrying for a minute."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
     torch.set_num_threads(min(torch.get_num_threads(), 2))
