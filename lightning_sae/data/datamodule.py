@@ -36,6 +36,7 @@ the chunk holding the next batch. torchdata's ``StatefulDataLoader`` is not used
 batch that Lightning's fit loop prefetched.
 """
 
+import hashlib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -569,7 +570,9 @@ def _permuted(acts: dict[str, Tensor], key: tuple[int, ...] | None, seed: int) -
     if key is None:
         return acts
     n = next(iter(acts.values())).shape[0]
-    generator = torch.Generator().manual_seed(hash((seed, *key)) % 2**63)
+    # A stable digest, not hash(): resuming must give the same order on any Python version.
+    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
     order = torch.randperm(n, generator=generator)
     return {h: a[order.to(a.device)] for h, a in acts.items()}
 
