@@ -1,5 +1,6 @@
 """ActivationDataModule on a tiny random HookedTransformer and real text (CPython's docs)."""
 
+import pickle
 from itertools import islice
 from typing import Any
 
@@ -185,3 +186,18 @@ def test_model_that_cannot_be_loaded_offline(name, hook, documents):
     dm = ActivationDataModule(model=name, hook_names=hook, dataset=documents)
     with pytest.raises(OSError, match="local folder"):
         dm.setup("fit")
+
+
+def test_without_bos_rows_are_the_documents_tokens(model, tokenizer, documents):
+    dm = make_dm(model, documents, prepend_bos=False, shuffle=False)
+    rows = torch.stack(list(islice(dm.token_rows(), 4)))
+    first = tokenizer(documents[4], add_special_tokens=False)["input_ids"]
+    assert rows.flatten()[:64].tolist() == first[:64]
+    _, cache = model.run_with_cache(rows, names_filter=[HOOK])
+    torch.testing.assert_close(batches(dm, 1)[0], cache[HOOK].flatten(0, 1))
+
+
+def test_pickles_for_ddp_spawn(model, documents):
+    dm = make_dm(model, documents)
+    clone = pickle.loads(pickle.dumps(dm))
+    torch.testing.assert_close(batches(clone, 2), batches(dm, 2))
