@@ -249,7 +249,7 @@ class ActivationDataModule(LightningDataModule):
                 "holdout_documents."
             )
         if isinstance(model, torch.nn.Module):
-            self._build_model("cpu" if _device_of(model) is None else _device_of(model))
+            self._build_model(_device_of(model) or "cpu")  # wrap and probe: d_in known now
 
     # ------------------------------------------------------------------ model
     def _spec_model_name(self) -> str | None:
