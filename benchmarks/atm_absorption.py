@@ -113,12 +113,15 @@ def main() -> None:
 
     lr, k = 1e-3, max(1, round(true_l0))
     common = {"d_in": d_in, "d_sae": d_sae, "lr": lr, "seed": args.seed}
-    # ATM with its defaults (masking starts after a tenth of the run); the same SAE without
-    # masking (sae-lens standard, same λ) isolates what the masking does; TopK at k ≈ the true
-    # L0; JumpReLU with its defaults (in this short run its L0 stays far above the true L0 for
-    # any l0_coefficient from 1 to 40, init threshold 0.1 and bandwidth 0.5 included).
+    # ATM with its defaults but λ = 1 (the default 5 suits real activations and over-sparsifies
+    # these few large features) and masking from a tenth of the run; the same SAE without masking
+    # (sae-lens standard, same λ) isolates what the masking does; TopK at k ≈ the true L0;
+    # JumpReLU with its defaults (in this short run its L0 stays far above the true L0 for any
+    # l0_coefficient from 1 to 40, init threshold 0.1 and bandwidth 0.5 included).
     candidates = {
-        "ATMSAE": lambda: ATMSAE(atm_warm_up_steps=args.steps // 10, **common),
+        "ATMSAE (l1_coefficient=1)": lambda: ATMSAE(
+            l1_coefficient=1.0, atm_warm_up_steps=args.steps // 10, **common
+        ),
         "StandardSAE (ATM without masking)": lambda: StandardSAE(l1_coefficient=1.0, **common),
         f"TopKSAE (k={k})": lambda: TopKSAE(k=k, **common),
         "JumpReLUSAE": lambda: JumpReLUSAE(**common),

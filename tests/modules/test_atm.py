@@ -27,7 +27,7 @@ def test_defaults_alone_build_an_atm_module():
     cfg = module.sae.cfg
     assert cfg.architecture() == "atm"
     assert cfg.get_inference_config_class().architecture() == "standard"
-    assert (cfg.l1_coefficient, cfg.atm_ema_decay, cfg.atm_threshold_c) == (1.0, 0.99, 0.0)
+    assert (cfg.l1_coefficient, cfg.atm_ema_decay, cfg.atm_threshold_c) == (5.0, 0.99, 0.0)
     assert (cfg.atm_mask_rate, cfg.atm_warm_up_steps, cfg.atm_mask_granularity) == (
         1.0,
         1000,
@@ -70,7 +70,7 @@ class LossRecorder(L.Callback):
 @pytest.fixture(scope="module")
 def trained(synthetic_train: torch.Tensor) -> tuple[ATMSAE, LossRecorder]:
     L.seed_everything(0, verbose=False)
-    module = ATMSAE(d_in=D_IN, d_sae=64, lr=3e-3, atm_warm_up_steps=10, seed=0)
+    module = ATMSAE(d_in=D_IN, d_sae=64, l1_coefficient=1.0, lr=3e-3, atm_warm_up_steps=10, seed=0)
     recorder = LossRecorder()
     quiet_trainer(max_steps=80, callbacks=[recorder]).fit(
         module, loader(synthetic_train, batch_size=512, shuffle=True)
