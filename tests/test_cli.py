@@ -7,10 +7,11 @@ conversion is cached once per user (``lightning_sae.data.offline.cache_root``) a
 test.
 """
 
-import importlib.metadata
+import importlib
 import json
 import runpy
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,9 @@ def test_every_architecture_has_an_example():
 
 
 def test_console_script_points_at_main():
-    (script,) = importlib.metadata.entry_points(group="console_scripts", name="lightning-sae")
-    assert script.value == "lightning_sae.cli:main"
+    pyproject = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text())
+    module, _, function = pyproject["project"]["scripts"]["lightning-sae"].partition(":")
+    assert getattr(importlib.import_module(module), function) is main
 
 
 @pytest.mark.slow
