@@ -16,7 +16,7 @@ resolved config saved as ``config.yaml`` in the logger's folder (``SaveConfigCal
 callbacks such as :class:`~lightning_sae.SAELensExport` under ``trainer.callbacks`` in YAML.
 """
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -44,7 +44,7 @@ class SAECLI(LightningCLI):
     an unknown hook name) ends the command with a usage error naming it instead of a traceback.
     """
 
-    def __init__(self, args: ArgsType = None, **kwargs) -> None:
+    def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
         super().__init__(
             SAEModule,
             ActivationDataModule,
