@@ -129,3 +129,16 @@ def test_export_is_a_plain_standard_sae(trained, synthetic_heldout, tmp_path):
     # The export folds the activation scale into the weights, so it takes raw activations.
     torch.testing.assert_close(out["latents"], latents, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out["decoded"], decoded, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_restores_the_atm_module_and_its_emas(synthetic_train, tmp_path):
+    module = ATMSAE(d_in=D_IN, d_sae=64, atm_threshold_c=-0.5, atm_warm_up_steps=2, seed=0)
+    trainer = quiet_trainer(max_steps=5)
+    trainer.fit(module, loader(synthetic_train[:2560], batch_size=512))
+    trainer.save_checkpoint(tmp_path / "atm.ckpt")
+    restored = SAEModule.load_from_checkpoint(tmp_path / "atm.ckpt")
+    assert type(restored) is ATMSAE
+    assert restored.sae.cfg.atm_threshold_c == -0.5
+    for name in ATM_STATISTICS:
+        assert getattr(module.sae, name).sum() > 0
+        torch.testing.assert_close(getattr(restored.sae, name), getattr(module.sae, name))
