@@ -78,7 +78,28 @@ def available_architectures() -> list[str]:
     return sorted(_MODULES)
 
 
-class SAEModule(LightningModule):
+class _ArchitectureDispatch(LightningModule):
+    """Holds ``SAEModule.__new__`` so that signature tools read ``SAEModule.__init__``.
+
+    jsonargparse (LightningCLI) takes a class's parameters from ``__new__`` when the class itself
+    defines one; defined one level up, it reads ``__init__`` and its ``**kwargs`` chain.
+    """
+
+    architecture: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, architecture: str | None = None, **kwargs: Any) -> "SAEModule":
+        """Dispatch ``SAEModule(architecture=...)`` to the module class of that architecture."""
+        if not cls.architecture:
+            if architecture is None:
+                raise TypeError(
+                    f"{cls.__name__} is abstract: pass architecture=<one of "
+                    f"{available_architectures()}> or construct a subclass such as TopKSAE."
+                )
+            cls = get_module_class(architecture)
+        return super().__new__(cls)
+
+
+class SAEModule(_ArchitectureDispatch):
     """Train one sae-lens ``TrainingSAE`` with ``Trainer.fit``.
 
     Subclasses set :attr:`architecture` and implement :meth:`sae_config_kwargs`; everything else
@@ -134,17 +155,6 @@ class SAEModule(LightningModule):
         super().__init_subclass__(**kwargs)
         if cls.architecture:
             _MODULES[cls.architecture] = cls
-
-    def __new__(cls, *args: Any, architecture: str | None = None, **kwargs: Any) -> "SAEModule":
-        """Dispatch ``SAEModule(architecture=...)`` to the module class of that architecture."""
-        if not cls.architecture:
-            if architecture is None:
-                raise TypeError(
-                    f"{cls.__name__} is abstract: pass architecture=<one of "
-                    f"{available_architectures()}> or construct a subclass such as TopKSAE."
-                )
-            cls = get_module_class(architecture)
-        return super().__new__(cls)
 
     def __init__(
         self,
