@@ -52,7 +52,9 @@ def train_tokens_per_sec(dm: ActivationDataModule, steps: int) -> float:
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )  # fmt: skip
     trainer.fit(BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0), datamodule=dm)
-    return steps * BATCH / timer.seconds  # the first batch's wait is outside the timer
+    # In the timed window the fit loop trains batches 0..steps and fetches batches 1..steps+1
+    # (it prefetches one): steps + 1 batches of each, with one-batch mixing chunks.
+    return (steps + 1) * BATCH / timer.seconds
 
 
 def main() -> None:
@@ -63,7 +65,7 @@ def main() -> None:
     hook = f"model.layers.{args.layer}"
     dm = ActivationDataModule(
         model="smollm2-135m", hook_names=hook, dataset=shakespeare_documents(), context_size=256,
-        batch_size=BATCH, shuffle_buffer_tokens=args.tokens // 2, holdout_documents=16,
+        batch_size=BATCH, shuffle_buffer_tokens=BATCH, holdout_documents=16,
     )  # fmt: skip
     dm.setup("fit")
     model = dm.hooked_model
