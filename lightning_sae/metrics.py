@@ -17,9 +17,16 @@ union of the data. Formulas follow ``shared/ALGORITHMS.md``:
 1.5
 """
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 import torch
+from sae_lens.util import cosine_similarities
 from torch import Tensor
 from torchmetrics import Metric
+
+if TYPE_CHECKING:  # sae-lens's synthetic package pulls in plotly: only needed for type hints
+    from sae_lens.synthetic import ActivationGenerator, FeatureDictionary, HierarchyNode
 
 _F64 = torch.float64
 
@@ -201,15 +208,6 @@ def log10_feature_density(density: Tensor, eps: float = 1e-10) -> Tensor:
 
 
 # --------------------------------------------------------------------------- feature absorption
-# Imported here, not at the top, so this section stays self-contained; sae-lens's synthetic
-# package (which pulls in plotly) is only needed for type checking.
-from collections.abc import Callable, Sequence  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
-
-from sae_lens.util import cosine_similarities  # noqa: E402
-
-if TYPE_CHECKING:
-    from sae_lens.synthetic import ActivationGenerator, FeatureDictionary, HierarchyNode
 
 
 def hierarchy_parent_child_pairs(roots: "HierarchyNode | Sequence[HierarchyNode]") -> Tensor:

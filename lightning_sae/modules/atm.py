@@ -82,3 +82,14 @@ class ATMSAE(StandardSAE):
             "atm_mask_granularity",
         )
         return {**super().sae_config_kwargs(), **{name: hp[name] for name in atm_names}}
+
+    def synchronize_sae_state(self) -> None:
+        """Average the importance EMAs over ranks, so every rank masks from the same scores.
+
+        Each rank updates the EMAs from its own batch; with equal decays, the average of the
+        ranks' EMAs is the EMA of the ranks' averaged statistics.
+        """
+        world_size = self.trainer.world_size
+        if world_size > 1:
+            for name in ATM_STATISTICS:
+                setattr(self.sae, name, self._all_reduce_sum(getattr(self.sae, name)) / world_size)

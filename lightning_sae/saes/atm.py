@@ -36,8 +36,9 @@ What the paper does not publish, and is our choice (each a hyper-parameter of
   ``atm_mask_granularity="batch"`` draws one decision per latent for the whole batch.
 * **Timing**: the mask at step ``t`` uses the EMAs up to step ``t - 1``, and masking starts after
   ``atm_warm_up_steps`` steps, when the EMAs have seen enough batches to mean something.
-* Under DDP each rank keeps its own EMAs (no collective in the forward pass); they differ only by
-  the sampling noise of the ranks' batches, and a checkpoint holds rank 0's.
+* Under DDP each rank updates the EMAs from its own batch (no collective in the forward pass);
+  :class:`~lightning_sae.ATMSAE` then averages them over ranks after every step, so every rank
+  masks from the same scores.
 
 The forward pass is vectorised and never syncs with the host: the warm-up test uses the Python
 step count, and the mask uses the global ``torch.rand`` so Lightning's seeding applies.
