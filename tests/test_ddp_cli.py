@@ -116,7 +116,7 @@ def weights(out: Path, run: str, rank: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["full", "half", "resumed", "batchtopk"])
+@pytest.mark.parametrize("run", ["full", "half", "resumed", "batchtopk", "atm"])
 def test_weights_identical_on_both_ranks(two_ranks: Path, run: str):
     rank0, rank1 = weights(two_ranks, run, 0), weights(two_ranks, run, 1)
     assert rank0.keys() == rank1.keys()
@@ -132,6 +132,13 @@ def test_batchtopk_threshold_identical_on_both_ranks(two_ranks: Path):
 
 
 @pytest.mark.slow
+def test_atm_importance_emas_identical_and_masking_on_both_ranks(two_ranks: Path):
+    states = [weights(two_ranks, "atm", rank) for rank in (0, 1)]
+    for name in ("sae.ema_magnitude", "sae.ema_frequency", "sae.ema_contribution"):
+        assert torch.equal(states[0][name], states[1][name]), name
+        assert states[0][name].abs().sum() > 0, name
+
+
 def test_resumed_run_continues_exactly(two_ranks: Path):
     """Weights, activation scale and dead-latent counters equal the uninterrupted run's.
 
