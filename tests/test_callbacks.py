@@ -17,15 +17,6 @@ from safetensors.torch import load_file
 from lightning_sae import BatchTopKSAE, SAELensExport, StandardSAE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second intra-op thread only adds contention (10x slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def exported_steps(dirpath: Path) -> list[str]:
     return sorted(p.name for p in dirpath.iterdir() if p.name.startswith("step-"))
 

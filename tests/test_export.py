@@ -44,15 +44,6 @@ DECODER_NORM_SCALED = {"topk", *BATCHTOPK}
 RTOL, ATOL, MAX_FLIPPED = 1e-4, 1e-5, 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second intra-op thread only adds contention (10x slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build_module(architecture: str) -> SAEModule:
     extra = {"k": K} if "topk" in architecture else {}
     # A short density window, so feature_density is published during the run.
