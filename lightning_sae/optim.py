@@ -42,6 +42,11 @@ class LRSchedule:
                 "A cosine schedule or lr_decay_steps needs the run's length: set "
                 "Trainer(max_steps=...) to a positive number."
             )
+        if self.scheduler == "cosine" and self.decay_steps > 0 and self.min_lr_ratio <= 0:
+            raise ValueError(
+                "A cosine schedule with lr_decay_steps needs lr_min_ratio > 0: the cosine already "
+                "ends at 0, so the decay would train at LR 0 (sae-lens refuses this too)."
+            )
         if self.total_steps and self.warm_up_steps + self.decay_steps > self.total_steps:
             raise ValueError(
                 f"lr_warm_up_steps + lr_decay_steps ({self.warm_up_steps} + {self.decay_steps}) "

@@ -244,7 +244,7 @@ class BatchTopKSAE(TopKSAE):
 
     def synchronize_sae_state(self) -> None:
         """Average the threshold EMA (updated from each rank's own batch) over ranks."""
-        world_size = self.trainer.world_size
+        world_size = self.trainer.world_size if self._trainer is not None else 1
         if world_size > 1:
             threshold = self.sae.topk_threshold
             self.sae.topk_threshold = self._all_reduce_sum(threshold) / world_size

@@ -89,7 +89,7 @@ class ATMSAE(StandardSAE):
         Each rank updates the EMAs from its own batch; with equal decays, the average of the
         ranks' EMAs is the EMA of the ranks' averaged statistics.
         """
-        world_size = self.trainer.world_size
+        world_size = self.trainer.world_size if self._trainer is not None else 1
         if world_size > 1:
             for name in ATM_STATISTICS:
                 setattr(self.sae, name, self._all_reduce_sum(getattr(self.sae, name)) / world_size)

@@ -25,7 +25,7 @@ from sae_lens.saes.sae import (
 )
 from sae_lens.util import dtype_to_str
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from lightning_sae.metrics import (
     L0,
@@ -61,11 +61,24 @@ def get_module_class(architecture: str) -> type["SAEModule"]:
     raise ValueError(f"Unknown SAE architecture {architecture!r}. Known architectures: {known}.")
 
 
+class _RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose schedules follow this run's settings, not a resumed checkpoint's.
+
+    ``LambdaLR`` restores a callable's ``__dict__`` from the checkpoint, which would keep the old
+    ``max_steps`` when a run is resumed to go further (its decay would pin the LR at 0).
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the step count and LRs, keeping the current schedules."""
+        state_dict = {**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)}
+        super().load_state_dict(state_dict)
+
+
 def adam_with_schedules(modules: "list[SAEModule]") -> dict[str, Any]:
     """One Adam over the modules' parameter groups, each with its own per-step LR schedule."""
     optimizer = torch.optim.Adam([module.param_group() for module in modules])
     schedules = [module.lr_schedule() for module in modules]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+    scheduler = _RunLambdaLR(optimizer, schedules)
     return {
         "optimizer": optimizer,
         # "step": the default "epoch" never fires in one endless streaming epoch.
@@ -202,6 +215,7 @@ class SAEModule(_ArchitectureDispatch):
         self._scale_pending = normalize_activations and activation_scale is None
         self._window_tokens = 0
         self._density_published = False
+        self._last_logged_step = -1
         self._last_log_time: float | None = None
         self._tokens_since_log = 0
 
@@ -413,7 +427,10 @@ class SAEModule(_ArchitectureDispatch):
 
         if self._trainer is None:
             return
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        step = self.global_step
+        # global_step repeats over the micro-batches of gradient accumulation: compute once.
+        if (step + 1) % self.trainer.log_every_n_steps == 0 and step != self._last_logged_step:
+            self._last_logged_step = step
             self._log_window_metrics()
         if self._window_tokens >= self.hparams.dead_window_tokens:
             density = self._publish_feature_density()
@@ -536,6 +553,10 @@ class SAEModule(_ArchitectureDispatch):
                 tensor.data = tensor.data.to(dtype)
             else:
                 owner._buffers[name] = tensor.to(dtype)
+        for module in self.modules():
+            if isinstance(module, Metric):
+                # A plain .to(bf16) (bf16-true) casts metric states and their defaults too.
+                module.set_dtype(torch.float64)
         sae = self.sae
         sae.dtype = sae.W_enc.dtype
         sae.device = sae.W_enc.device

@@ -145,12 +145,24 @@ class MultiSAEModule(LightningModule):
             else:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), gradient_clip_val)
 
+    def on_train_start(self) -> None:
+        """Let every SAE start counting this fit's density windows."""
+        for _, sae in self._children():
+            sae.on_train_start()
+
     def on_train_end(self) -> None:
         """Let every SAE publish its feature density (for the exporter)."""
         for _, sae in self._children():
             sae.on_train_end()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep every SAE's metadata, per hook."""
+        checkpoint["sae_metadata"] = {
+            hook: sae.sae.cfg.metadata.to_dict() for hook, sae in self._children()
+        }
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep every SAE's checkpointed activation scale."""
-        for _, sae in self._children():
-            sae.on_load_checkpoint(checkpoint)
+        """Restore every SAE's metadata and keep its checkpointed activation scale."""
+        metadata = checkpoint.get("sae_metadata", {})
+        for hook, sae in self._children():
+            sae.on_load_checkpoint({"sae_metadata": metadata[hook]} if hook in metadata else {})

@@ -138,6 +138,8 @@ def test_bf16_keeps_thresholds_in_full_precision(precision, synthetic_train):
         else:
             assert module.sae.threshold.dtype == torch.float32
         assert module.activation_scale.dtype == torch.float32
+        assert module.train_l0.tokens.dtype == torch.float64  # metric states stay exact
+        assert module.train_metrics["explained_variance"].sum_x.dtype == torch.float64
         expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
         assert module.sae.W_enc.dtype == expected
         assert module.sae.cfg.dtype == str(expected).removeprefix("torch.")
@@ -170,3 +172,26 @@ def test_a_short_fit_publishes_its_own_density(synthetic_train):
     module.feature_density.fill_(0.5)  # e.g. an imported release's density
     quiet_trainer(max_steps=3).fit(module, loader(synthetic_train[:2048]))
     assert 3.0 < module.feature_density.sum().item() <= 4.0  # this run's L0, not 0.5 * 64
+
+
+def test_gradient_accumulation_computes_window_metrics_once_per_step(synthetic_train):
+    calls = []
+    module = TopKSAE(d_in=D_IN, d_sae=64, k=4)
+    original = module._log_window_metrics
+    module._log_window_metrics = lambda: (calls.append(module.global_step), original())[1]
+    trainer = quiet_trainer(max_steps=4, accumulate_grad_batches=2, log_every_n_steps=2)
+    trainer.fit(module, loader(synthetic_train[:8192], batch_size=256))
+    assert calls == [1, 3]
+
+
+def test_resuming_to_a_longer_run_follows_the_new_schedule(tmp_path, synthetic_train):
+    module = TopKSAE(d_in=D_IN, d_sae=64, k=4, lr=1e-3, lr_decay_steps=2)
+    trainer = quiet_trainer(max_steps=4, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(module, loader(synthetic_train[:8192]))
+    trainer.save_checkpoint(tmp_path / "short.ckpt")
+    recorder = LossRecorder()
+    resumed = TopKSAE(d_in=D_IN, d_sae=64, k=4, lr=1e-3, lr_decay_steps=2)
+    quiet_trainer(max_steps=8, callbacks=[recorder]).fit(
+        resumed, loader(synthetic_train[:8192]), ckpt_path=tmp_path / "short.ckpt"
+    )
+    assert recorder.lrs == pytest.approx([1e-3, 1e-3, 5e-4, 0.0])  # steps 4-7 of the 8-step run
