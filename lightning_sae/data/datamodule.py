@@ -391,6 +391,29 @@ class ActivationDataModule(LightningDataModule):
             "exclude_special_tokens": self.exclude_special_tokens,
         }
 
+    def holdout_token_rows(self, n_rows: int) -> Tensor:
+        """``[n, context_size]`` token rows of the held-out documents (``n <= n_rows``), in order.
+
+        These are the rows :meth:`sample_activations` runs the model on; nothing here is trained
+        on. A cache stores activations, not tokens, so it has no rows to give.
+        """
+        if self.cache is not None:
+            raise ValueError(
+                "An activation cache holds no token ids: evaluate with a DataModule that runs the "
+                "model (model= and dataset=)."
+            )
+        assert self.source is not None
+        documents = islice(self.source.documents(), self.holdout_documents)
+        model = self.hooked_model
+        bos = model.bos_token_id if self.prepend_bos else None
+        rows = list(islice(pack(documents, model.tokenizer, self.context_size, bos), n_rows))
+        if not rows:
+            raise ValueError(
+                f"The {self.holdout_documents} held-out documents hold no complete "
+                f"{self.context_size}-token row: raise holdout_documents."
+            )
+        return torch.stack(rows)
+
     def sample_activations(self, n_tokens: int, hook_name: str | None = None) -> Tensor:
         """``[n_tokens, d_in]`` activations of held-out documents, on the CPU.
 
