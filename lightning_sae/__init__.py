@@ -19,9 +19,8 @@ from lightning_sae.modules import (
     SAEModule,
     StandardSAE,
     TopKSAE,
-    available_architectures,
-    get_module_class,
 )
+from lightning_sae.registry import available_architectures, get_module_class, register_architecture
 
 __version__ = "0.1.0"
 
@@ -43,4 +42,5 @@ __all__ = [
     "get_module_class",
     "load_from_sae_lens",
     "metrics",
+    "register_architecture",
 ]

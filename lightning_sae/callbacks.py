@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from lightning_sae.export import DEFAULT_CALIBRATION_TOKENS, export_to_sae_lens
-from lightning_sae.modules import SAEModule
+from lightning_sae.modules import MultiSAEModule, SAEModule
 
 
 class SAELensExport(Callback):
@@ -24,9 +24,10 @@ class SAELensExport(Callback):
     Each export goes to its own folder ``<dirpath>/step-<global step, 6 digits>/`` (written
     atomically by :func:`~lightning_sae.export_to_sae_lens`), and ``<dirpath>/latest`` is a relative
     symlink to the newest one, replaced atomically, so ``SAE.load_from_disk("<dirpath>/latest")``
-    always reads a complete export. Exports run on global rank 0 only and involve no collective; a
-    DataModule's ``sample_activations`` (used to calibrate BatchTopK thresholds) must therefore be
-    rank-local.
+    always reads a complete export. A :class:`~lightning_sae.MultiSAEModule` exports one sae-lens
+    folder per hook, ``step-<step>/<hook_name>/``, each with its own metadata. Exports run on global
+    rank 0 only and involve no collective; a DataModule's ``sample_activations`` (used to calibrate
+    BatchTopK thresholds) must therefore be rank-local.
 
     The final export runs in ``on_fit_end``, after the module's ``on_train_end`` has published the
     feature density of a window still open, so ``sparsity.safetensors`` covers the end of training.
@@ -69,9 +70,10 @@ class SAELensExport(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Check the module type and resolve the export folder."""
-        if not isinstance(pl_module, SAEModule):
+        if not isinstance(pl_module, SAEModule | MultiSAEModule):
             raise TypeError(
-                f"SAELensExport exports lightning_sae SAE modules, got {type(pl_module).__name__}."
+                "SAELensExport exports lightning_sae SAE modules (SAEModule, MultiSAEModule), got "
+                f"{type(pl_module).__name__}."
             )
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "sae_lens"
@@ -108,13 +110,17 @@ class SAELensExport(Callback):
         if not trainer.is_global_zero:
             return None
         assert self.dirpath is not None  # set in setup()
-        path = export_to_sae_lens(
-            pl_module,  # type: ignore[arg-type]  # checked in setup()
-            self.dirpath / f"step-{step:06d}",
-            self.metadata,
-            calibration_activations=self.calibration_activations,
-            calibration_tokens=self.calibration_tokens,
-        )
+        path = self.dirpath / f"step-{step:06d}"
+        hooks = pl_module.hook_names if isinstance(pl_module, MultiSAEModule) else [None]
+        for hook in hooks:
+            export_to_sae_lens(
+                pl_module,  # type: ignore[arg-type]  # checked in setup()
+                path if hook is None else path / hook,
+                self.metadata,
+                hook_name=hook,
+                calibration_activations=self.calibration_activations,
+                calibration_tokens=self.calibration_tokens,
+            )
         link = self.dirpath / f".{self.latest_name}.tmp-{uuid.uuid4().hex[:8]}"
         os.symlink(path.name, link, target_is_directory=True)
         os.replace(link, self.dirpath / self.latest_name)

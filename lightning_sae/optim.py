@@ -1,8 +1,18 @@
-"""Learning-rate and sparsity-coefficient schedules, stepped once per optimisation step."""
+"""Adam with a learning-rate schedule per SAE, and the sparsity-coefficient warm-up.
+
+Schedules step once per optimisation step (``interval="step"``): the default ``"epoch"`` never
+fires in one endless streaming epoch.
+"""
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from lightning_sae.modules.unit import SAEUnit
 
 LRSchedulerName = Literal["constant", "cosine"]
 
@@ -30,12 +40,8 @@ class LRSchedule:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.scheduler not in ("constant", "cosine"):
-            raise ValueError(
-                f"lr_scheduler must be 'constant' or 'cosine', got {self.scheduler!r}."
-            )
-        if self.warm_up_steps < 0 or self.decay_steps < 0:
-            raise ValueError("lr_warm_up_steps and lr_decay_steps must be >= 0.")
+        # The settings themselves are validated where they are given (the module's
+        # constructor); what is checked here depends on the run's length.
         needs_total = self.scheduler == "cosine" or self.decay_steps > 0
         if needs_total and not self.total_steps:
             raise ValueError(
@@ -83,3 +89,29 @@ def warm_up_coefficient(value: float, warm_up_steps: int, step: int) -> float:
     if warm_up_steps <= 0:
         return value
     return value * min(1.0, step / warm_up_steps)
+
+
+class _RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose schedules follow this run's settings, not a resumed checkpoint's.
+
+    ``LambdaLR`` restores a callable's ``__dict__`` from the checkpoint, which would keep the old
+    ``max_steps`` when a run is resumed to go further (its decay would pin the LR at 0).
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the step count and LRs, keeping the current schedules."""
+        state_dict = {**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)}
+        super().load_state_dict(state_dict)
+
+
+def adam_with_schedules(units: "Sequence[SAEUnit]", max_steps: int | None) -> dict[str, Any]:
+    """One Adam over the units' parameter groups, each with its own per-step LR schedule.
+
+    Returns Lightning's ``configure_optimizers`` dictionary.
+    """
+    optimizer = torch.optim.Adam([unit.param_group() for unit in units])
+    scheduler = _RunLambdaLR(optimizer, [unit.lr_schedule(max_steps) for unit in units])
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }

@@ -60,19 +60,20 @@ def test_gradient_accumulation_exports_once_per_step(
 
 
 class CalibrationDataModule(LightningDataModule):
-    """Stands in for the activation DataModule (``sae_metadata`` and ``sample_activations``)."""
+    """A user's DataModule implementing the ExportData protocol (metadata, held-out data)."""
 
     def __init__(self, activations: torch.Tensor) -> None:
         super().__init__()
+        self.hook_names = ["blocks.0.hook_resid_post"]
         self.activations = activations
 
     def train_dataloader(self):
         return loader(self.activations, batch_size=256)
 
-    def sae_metadata(self) -> dict:
+    def sae_metadata(self, hook_name: str | None = None) -> dict:
         return {"model_name": "tiny", "hook_name": "blocks.0.hook_resid_post", "context_size": 16}
 
-    def sample_activations(self, n_tokens: int) -> torch.Tensor:
+    def sample_activations(self, n_tokens: int, hook_name: str | None = None) -> torch.Tensor:
         return self.activations[-n_tokens:]
 
 

@@ -126,7 +126,9 @@ def test_weights_identical_on_both_ranks(two_ranks: Path, run: str):
 
 @pytest.mark.slow
 def test_batchtopk_threshold_identical_on_both_ranks(two_ranks: Path):
-    thresholds = [weights(two_ranks, "batchtopk", rank)["sae.topk_threshold"] for rank in (0, 1)]
+    thresholds = [
+        weights(two_ranks, "batchtopk", rank)["unit.sae.topk_threshold"] for rank in (0, 1)
+    ]
     assert thresholds[0] > 0  # the EMA moved off its initial 0
     assert torch.equal(*thresholds)
 
@@ -134,21 +136,18 @@ def test_batchtopk_threshold_identical_on_both_ranks(two_ranks: Path):
 @pytest.mark.slow
 def test_atm_importance_emas_identical_and_masking_on_both_ranks(two_ranks: Path):
     states = [weights(two_ranks, "atm", rank) for rank in (0, 1)]
-    for name in ("sae.ema_magnitude", "sae.ema_frequency", "sae.ema_contribution"):
+    for name in ("unit.sae.ema_magnitude", "unit.sae.ema_frequency", "unit.sae.ema_contribution"):
         assert torch.equal(states[0][name], states[1][name]), name
         assert states[0][name].abs().sum() > 0, name
 
 
 def test_resumed_run_continues_exactly(two_ranks: Path):
-    """Weights, activation scale and dead-latent counters equal the uninterrupted run's.
-
-    ``feature_density`` is left out: it is the density of the window open since the run started
-    (published at the end of fit), and a resumed run's window starts at the resume.
-    """
+    """Weights, activation scale, dead-latent counters and the density window equal the
+    uninterrupted run's (the open window is checkpointed, so the exported density is too)."""
     full, resumed = weights(two_ranks, "full", 0), weights(two_ranks, "resumed", 0)
     half = weights(two_ranks, "half", 0)
-    assert not torch.equal(half["sae.W_enc"], full["sae.W_enc"])
-    for name in full.keys() - {"feature_density"}:
+    assert not torch.equal(half["unit.sae.W_enc"], full["unit.sae.W_enc"])
+    for name in full:
         assert torch.equal(full[name], resumed[name]), name
 
 
@@ -168,9 +167,13 @@ def test_two_ranks_equal_one_process_over_the_union(two_ranks, tmp_path, monkeyp
     )
     single = cli.model.state_dict()
     distributed = weights(two_ranks, "full", 0)
-    for name in ("sae.W_enc", "sae.W_dec", "sae.b_enc", "sae.b_dec", "activation_scale"):
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        name = f"unit.sae.{name}"
         torch.testing.assert_close(distributed[name], single[name], rtol=1e-5, atol=1e-6)
-    assert torch.equal(distributed["tokens_since_fired"], single["tokens_since_fired"])
+    for name in ("unit.normalizer.scale",):
+        torch.testing.assert_close(distributed[name], single[name], rtol=1e-5, atol=1e-6)
+    counters = "unit.statistics.tokens_since_fired"
+    assert torch.equal(distributed[counters], single[counters])
 
     rows_2, rows_1 = logged(two_ranks / "full"), logged(tmp_path)
     assert [row["step"] for row in rows_2] == [row["step"] for row in rows_1] == [1, 3, 5]

@@ -21,6 +21,7 @@ from sae_lens import SAE
 from safetensors.torch import load_file, save_file
 
 from lightning_sae import SAEModule, export_to_sae_lens, load_from_sae_lens
+from lightning_sae.data import ExportData
 from lightning_sae.export import SAE_LENS_METADATA_KEYS, calibrate_batchtopk_threshold
 from lightning_sae.metrics import log10_feature_density
 
@@ -222,17 +223,18 @@ def test_export_leaves_the_module_untouched(
 
 
 class MetadataDataModule(LightningDataModule):
-    """Stands in for the activation DataModule: metadata and held-out activations."""
+    """A user's own DataModule implementing the exporter's ExportData protocol."""
 
     def __init__(self, activations: torch.Tensor) -> None:
         super().__init__()
+        self.hook_names = [HOOK]
         self.activations = activations
         self.requested: list[tuple[int, str | None]] = []
 
     def train_dataloader(self):
         return loader(self.activations, batch_size=256)
 
-    def sae_metadata(self) -> dict:
+    def sae_metadata(self, hook_name: str | None = None) -> dict:
         return {
             "model_name": "tiny-model",
             "model_class_name": "HookedTransformer",
@@ -255,6 +257,7 @@ def test_metadata_and_calibration_from_the_datamodule(
     datamodule = MetadataDataModule(synthetic_train[:4096])
     module = build_module("batchtopk")
     quiet_trainer(max_steps=5).fit(module, datamodule=datamodule)
+    assert isinstance(datamodule, ExportData)
     path = export_to_sae_lens(module, tmp_path / "sae", calibration_tokens=2048)
     assert datamodule.requested == [(2048, HOOK)]
     assert SAE.load_from_disk(path).cfg.metadata.hook_name == HOOK
@@ -420,7 +423,7 @@ def test_interrupted_export_keeps_the_previous_one(
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lightning_sae.export.save_file", crash)  # dies after cfg/weights
+    monkeypatch.setattr("lightning_sae.export.writer.save_file", crash)  # dies after cfg/weights
     with pytest.raises(OSError, match="disk full"):
         export_to_sae_lens(trained["gated"], path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before

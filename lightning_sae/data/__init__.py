@@ -1,15 +1,27 @@
-"""Activation data: token sources, hooked models, the streaming DataModule and its cache."""
+"""Activation data: token sources, hooked models, the two activation sources and the DataModule.
 
-from lightning_sae.data.cache import ActivationCache
+- ``sources.py``: documents → token rows. ``models.py``: the hooked language model.
+- ``live.py``: activations computed by the model. ``cache.py``: activations read from disk.
+- ``chunks.py``: the chunk both sources yield, and batching. ``datamodule.py``: the DataModule.
+- ``protocol.py``: what the exporter and the evaluation need from the data.
+"""
+
+from lightning_sae.data.cache import ActivationCache, CacheSource
 from lightning_sae.data.datamodule import ActivationDataModule
+from lightning_sae.data.live import LiveSource
 from lightning_sae.data.models import HookedModel, load_hooked_model
 from lightning_sae.data.offline import shakespeare_documents, smollm2_path
+from lightning_sae.data.protocol import EvaluationData, ExportData
 from lightning_sae.data.sources import TokenSource, pack
 
 __all__ = [
     "ActivationCache",
     "ActivationDataModule",
+    "CacheSource",
+    "EvaluationData",
+    "ExportData",
     "HookedModel",
+    "LiveSource",
     "TokenSource",
     "load_hooked_model",
     "pack",

@@ -7,20 +7,25 @@ Layout of a cache folder::
     ...
     holdout.safetensors            held-out activations for ``sample_activations`` (optional)
 
-The whole folder is written under a temporary name and renamed into place, so a crash or a full
-disk leaves either the previous cache or none, never a half-written one.
+The whole folder is written atomically (:func:`lightning_sae.io.atomic_folder`), so a crash or a
+full disk leaves either the previous cache or none, never a half-written one. Reading trusts
+nothing in the manifest: file names must be plain names inside the folder, and each file must
+hold the token count the manifest states.
 """
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from functools import partial
+from itertools import count
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from lightning_sae.data.chunks import Chunk, permuted
+from lightning_sae.io import atomic_folder
 
 MANIFEST = "manifest.json"
 FORMAT = "lightning-sae-activation-cache"
@@ -51,9 +56,7 @@ def write_cache(
     target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists: pass overwrite=True or another folder.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         files, dtype = [], None
         for index, chunk in enumerate(chunks):
             name = f"activations_{index:05d}.safetensors"
@@ -76,15 +79,6 @@ def write_cache(
             n_holdout = next(iter(holdout.values())).shape[0]
             manifest["holdout"] = {"name": HOLDOUT_FILE, "n_tokens": n_holdout}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -123,19 +117,35 @@ class ActivationCache:
 
     def load(self, index: int, hook_names: list[str]) -> dict[str, Tensor]:
         """Activations ``{hook: [n, d_in]}`` of file ``index``."""
-        return self._load(self.manifest["files"][index]["name"], hook_names)
+        return self._load(self.manifest["files"][index], hook_names)
 
     def load_holdout(self, hook_names: list[str]) -> dict[str, Tensor] | None:
         """Load the held-out activations (``None`` when the cache has none)."""
         holdout = self.manifest.get("holdout")
-        return None if holdout is None else self._load(holdout["name"], hook_names)
+        return None if holdout is None else self._load(holdout, hook_names)
 
-    def _load(self, name: str, hook_names: list[str]) -> dict[str, Tensor]:
+    def _load(self, entry: dict[str, Any], hook_names: list[str]) -> dict[str, Tensor]:
+        name = entry["name"]
+        if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+            raise ValueError(
+                f"{self.path / MANIFEST} names file {name!r}, which is not a plain file name "
+                "inside the cache folder; the manifest is corrupt or hostile: rewrite the cache."
+            )
         try:
             tensors = load_file(self.path / name)
         except Exception as error:  # safetensors raises its own error types
             raise ValueError(f"Cannot read cache file {self.path / name}: {error}") from error
-        return {hook: tensors[hook] for hook in hook_names}
+        missing = [hook for hook in hook_names if hook not in tensors]
+        if missing:
+            raise ValueError(f"Cache file {self.path / name} has no activations for {missing}.")
+        acts = {hook: tensors[hook] for hook in hook_names}
+        wrong = {h: a.shape[0] for h, a in acts.items() if a.shape[0] != entry["n_tokens"]}
+        if wrong:
+            raise ValueError(
+                f"Cache file {self.path / name} holds {wrong} tokens where {MANIFEST} states "
+                f"{entry['n_tokens']}: the cache is corrupt; rewrite it."
+            )
+        return acts
 
     def check(self, model_name: str | None, hook_names: list[str]) -> None:
         """Raise ``ValueError`` if the cache was not written for ``model_name`` and these hooks."""
@@ -151,3 +161,65 @@ class ActivationCache:
                 f"The activation cache {self.path} has no activations for hooks {missing}; it "
                 f"holds {self.manifest['hook_names']}. Ask for those, or write a new cache."
             )
+
+
+class CacheSource:
+    """Activations read from an :class:`ActivationCache` instead of computed by a model.
+
+    File ``i`` belongs to rank ``i % world_size``; a rank cycles through its files forever, each
+    permuted with a seed derived from ``(seed, file, epoch)``.
+
+    Args:
+        cache: The opened cache.
+        hook_names: Hooks to read (all of them when empty).
+
+    """
+
+    def __init__(self, cache: ActivationCache, hook_names: list[str]) -> None:
+        self.cache = cache
+        manifest = cache.manifest
+        self.hook_names = hook_names or list(manifest["hook_names"])
+        self.context_size = manifest["context_size"]
+        self.prepend_bos = manifest["prepend_bos"]
+        self.exclude_special_tokens = manifest["exclude_special_tokens"]
+
+    @property
+    def d_in_per_hook(self) -> dict[str, int]:
+        """Width of every hook's activations."""
+        return {h: self.cache.manifest["d_in"][h] for h in self.hook_names}
+
+    def metadata(self) -> dict[str, Any]:
+        """sae-lens metadata of these activations (every field but ``hook_name``)."""
+        manifest = self.cache.manifest
+        return {
+            "model_name": manifest["model_name"],
+            "model_class_name": manifest["model_class_name"],
+            "hook_head_index": None,
+            "context_size": self.context_size,
+            "prepend_bos": self.prepend_bos,
+            "dataset_path": manifest["dataset_path"],
+            "exclude_special_tokens": self.exclude_special_tokens,
+        }
+
+    def chunks(self, rank: int, world_size: int, shuffle: bool, seed: int) -> Iterator[Chunk]:
+        """Cycle through the rank's cache files."""
+        cache = self.cache
+        files = list(range(rank, len(cache.file_tokens), world_size))
+        if not files:
+            raise ValueError(
+                f"The activation cache has {len(cache.file_tokens)} files, fewer than the "
+                f"{world_size} ranks: rewrite it with a smaller tokens_per_file."
+            )
+        for epoch in count():
+            for index in files:
+                key = (index, epoch) if shuffle else None
+                yield Chunk(cache.file_tokens[index], partial(self._load, index, key, seed))
+
+    def holdout_chunks(self) -> Iterator[Chunk]:
+        """Yield the held-out file as one chunk (nothing when the cache has none)."""
+        holdout = self.cache.manifest.get("holdout")
+        if holdout is not None:
+            yield Chunk(holdout["n_tokens"], partial(self.cache.load_holdout, self.hook_names))
+
+    def _load(self, index: int, key: tuple[int, ...] | None, seed: int) -> dict[str, Tensor]:
+        return permuted(self.cache.load(index, self.hook_names), key, seed)

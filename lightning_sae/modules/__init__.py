@@ -1,16 +1,21 @@
-"""LightningModules that train sae-lens SAEs, one per architecture."""
+"""LightningModules that train sae-lens SAEs: one file per architecture over a thin base.
 
-from lightning_sae.modules.architectures import (
-    BatchTopKSAE,
-    GatedSAE,
-    JumpReLUSAE,
-    MatryoshkaBatchTopKSAE,
-    StandardSAE,
-    TopKSAE,
-)
+- ``base.py``: :class:`SAEModule`, the Lightning side (logging, optimiser, checkpoints).
+- ``unit.py``: :class:`SAEUnit`, one SAE with its parts — ``normalizer.py`` (activation scale),
+  ``statistics.py`` (dead latents, metrics, density window) and optimiser settings.
+- ``standard.py``, ``gated.py``, ``jumprelu.py``, ``topk.py`` (TopK, BatchTopK, Matryoshka),
+  ``atm.py``: each architecture's hyper-parameters, rules and sae-lens config mapping.
+- ``multi.py``: :class:`MultiSAEModule`, one unit per hook from one stream.
+"""
+
 from lightning_sae.modules.atm import ATMSAE
-from lightning_sae.modules.base import SAEModule, available_architectures, get_module_class
+from lightning_sae.modules.base import SAEModule
+from lightning_sae.modules.gated import GatedSAE
+from lightning_sae.modules.jumprelu import JumpReLUSAE
 from lightning_sae.modules.multi import MultiSAEModule
+from lightning_sae.modules.standard import StandardSAE
+from lightning_sae.modules.topk import BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE
+from lightning_sae.modules.unit import SAEUnit
 
 __all__ = [
     "ATMSAE",
@@ -20,8 +25,7 @@ __all__ = [
     "MatryoshkaBatchTopKSAE",
     "MultiSAEModule",
     "SAEModule",
+    "SAEUnit",
     "StandardSAE",
     "TopKSAE",
-    "available_architectures",
-    "get_module_class",
 ]

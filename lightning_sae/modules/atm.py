@@ -10,11 +10,11 @@ documented there.
 ('atm', 'standard')
 """
 
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 import lightning_sae.saes.atm  # noqa: F401  (registers "atm" with sae-lens before the class exists)
-from lightning_sae.modules.architectures import StandardSAE
-from lightning_sae.saes.atm import ATM_STATISTICS
+from lightning_sae.modules.standard import StandardSAE
+from lightning_sae.saes.atm import ATM_HYPERPARAMETERS, ATM_STATISTICS
 
 
 class ATMSAE(StandardSAE):
@@ -45,6 +45,10 @@ class ATMSAE(StandardSAE):
     """
 
     architecture = "atm"
+    sae_config_fields: ClassVar[dict[str, str]] = {
+        **StandardSAE.sae_config_fields,
+        **{name: name for name in ATM_HYPERPARAMETERS},
+    }
     #: The EMAs stay float32 under any Trainer precision, like thresholds elsewhere.
     full_precision_tensors = (*StandardSAE.full_precision_tensors, *ATM_STATISTICS)
 
@@ -67,29 +71,3 @@ class ATMSAE(StandardSAE):
         super().__init__(
             d_in=d_in, d_sae=d_sae, l1_coefficient=l1_coefficient, lp_norm=lp_norm, **kwargs
         )
-
-    def sae_config_kwargs(self) -> dict[str, Any]:
-        """Add the ATM hyper-parameters (validated by the config) to the ``standard`` fields."""
-        hp = self.hparams
-        atm_names = (
-            "atm_ema_decay",
-            "atm_magnitude_weight",
-            "atm_frequency_weight",
-            "atm_contribution_weight",
-            "atm_threshold_c",
-            "atm_mask_rate",
-            "atm_warm_up_steps",
-            "atm_mask_granularity",
-        )
-        return {**super().sae_config_kwargs(), **{name: hp[name] for name in atm_names}}
-
-    def synchronize_sae_state(self) -> None:
-        """Average the importance EMAs over ranks, so every rank masks from the same scores.
-
-        Each rank updates the EMAs from its own batch; with equal decays, the average of the
-        ranks' EMAs is the EMA of the ranks' averaged statistics.
-        """
-        world_size = self.trainer.world_size if self._trainer is not None else 1
-        if world_size > 1:
-            for name in ATM_STATISTICS:
-                setattr(self.sae, name, self._all_reduce_sum(getattr(self.sae, name)) / world_size)

@@ -1,94 +1,39 @@
-"""The base LightningModule shared by every SAE architecture.
+"""``SAEModule``: the thin LightningModule every SAE architecture derives from.
 
-The SAE math is sae-lens's own: each module wraps the ``TrainingSAE`` registered under its
-:attr:`SAEModule.architecture` name and calls its ``training_forward_pass``. This module adds what a
-Lightning run needs around it: the optimiser and its per-step schedule, the sparsity-coefficient
-warm-up, the dead-latent mask for AuxK (measured in tokens, shared across DDP ranks), activation
-normalisation kept in the checkpoint, torchmetrics synced across ranks, and precision handling that
-keeps thresholds in full precision.
+A module holds one :class:`~lightning_sae.modules.unit.SAEUnit` (the SAE, its normaliser, its
+statistics, its optimiser settings) and adds what Lightning needs around it: logging, the
+optimiser, validation/test steps and checkpoint hooks. An architecture subclass states three
+things: its sae-lens name (:attr:`SAEModule.architecture`), the sae-lens training-config fields
+its hyper-parameters fill (:attr:`SAEModule.sae_config_fields`) and how it validates them
+(:meth:`SAEModule.validate_hparams`).
 """
 
-import time
+import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from sae_lens.registry import get_sae_training_class
-from sae_lens.saes.sae import (
-    SAEMetadata,
-    TrainingSAE,
-    TrainingSAEConfig,
-    TrainStepInput,
-    TrainStepOutput,
-)
-from sae_lens.util import dtype_to_str
+from sae_lens.saes.sae import SAEMetadata, TrainingSAE, TrainingSAEConfig
 from torch import Tensor
-from torchmetrics import Metric, MetricCollection
 
-from lightning_sae.metrics import (
-    L0,
-    ExplainedVariance,
-    FeatureDensity,
-    NormalizedMSE,
-    active_counts,
-    log10_feature_density,
+from lightning_sae.metrics import log10_feature_density
+from lightning_sae.modules.normalizer import ActivationNormalizer
+from lightning_sae.modules.statistics import TrainingStatistics, evaluation_metrics
+from lightning_sae.modules.unit import OptimizerSettings, SAEUnit, StepResult
+from lightning_sae.optim import adam_with_schedules
+from lightning_sae.registry import (
+    available_architectures,
+    class_path,
+    get_module_class,
+    import_class,
 )
-from lightning_sae.optim import LRSchedule, LRSchedulerName, warm_up_coefficient
 
-_MODULES: dict[str, type["SAEModule"]] = {}
-
-
-def _lookup_key(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
-
-
-def get_module_class(architecture: str) -> type["SAEModule"]:
-    """Return the module class for an sae-lens architecture name or a class name.
-
-    Accepts ``"batchtopk"``, ``"BatchTopKSAE"`` or ``"batch_topk"`` alike.
-
-    Raises:
-        ValueError: If no module trains that architecture; the message lists those that exist.
-
-    """
-    key = _lookup_key(architecture)
-    for cls in _MODULES.values():
-        if key in (_lookup_key(cls.architecture), _lookup_key(cls.__name__)):
-            return cls
-    known = ", ".join(f"{name!r} ({cls.__name__})" for name, cls in sorted(_MODULES.items()))
-    raise ValueError(f"Unknown SAE architecture {architecture!r}. Known architectures: {known}.")
-
-
-class _RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
-    """``LambdaLR`` whose schedules follow this run's settings, not a resumed checkpoint's.
-
-    ``LambdaLR`` restores a callable's ``__dict__`` from the checkpoint, which would keep the old
-    ``max_steps`` when a run is resumed to go further (its decay would pin the LR at 0).
-    """
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the step count and LRs, keeping the current schedules."""
-        state_dict = {**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)}
-        super().load_state_dict(state_dict)
-
-
-def adam_with_schedules(modules: "list[SAEModule]") -> dict[str, Any]:
-    """One Adam over the modules' parameter groups, each with its own per-step LR schedule."""
-    optimizer = torch.optim.Adam([module.param_group() for module in modules])
-    schedules = [module.lr_schedule() for module in modules]
-    scheduler = _RunLambdaLR(optimizer, schedules)
-    return {
-        "optimizer": optimizer,
-        # "step": the default "epoch" never fires in one endless streaming epoch.
-        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-    }
-
-
-def available_architectures() -> list[str]:
-    """Names of every architecture a module is registered for, sorted."""
-    return sorted(_MODULES)
+#: Key under which a checkpoint records the module class that wrote it.
+CLASS_PATH_KEY = "lightning_sae_class"
 
 
 class _ArchitectureDispatch(LightningModule):
@@ -101,7 +46,7 @@ class _ArchitectureDispatch(LightningModule):
     architecture: ClassVar[str] = ""
 
     def __new__(cls, *args: Any, architecture: str | None = None, **kwargs: Any) -> "SAEModule":
-        """Dispatch ``SAEModule(architecture=...)`` to the module class of that architecture."""
+        """Dispatch ``SAEModule(architecture=...)`` to the registered class of that architecture."""
         if not cls.architecture:
             if architecture is None:
                 raise TypeError(
@@ -115,10 +60,9 @@ class _ArchitectureDispatch(LightningModule):
 class SAEModule(_ArchitectureDispatch):
     """Train one sae-lens ``TrainingSAE`` with ``Trainer.fit``.
 
-    Subclasses set :attr:`architecture` and implement :meth:`sae_config_kwargs`; everything else
-    (optimiser, schedules, metrics, dead latents, normalisation, precision) lives here.
-    ``SAEModule(architecture="topk", d_in=..., d_sae=...)`` builds the matching subclass, and
-    ``SAEModule.load_from_checkpoint`` returns the class the checkpoint was saved from.
+    ``SAEModule(architecture="topk", d_in=..., d_sae=...)`` builds the registered class of that
+    architecture, and ``SAEModule.load_from_checkpoint`` returns the class that saved the
+    checkpoint (a user's subclass included).
 
     ``training_step`` takes a float tensor ``[batch, d_in]`` of activations (or a one-element
     tuple/list holding one, as a ``TensorDataset`` yields). ``module(x)`` returns the
@@ -137,8 +81,9 @@ class SAEModule(_ArchitectureDispatch):
         lr_min_ratio: Floor of the cosine schedule as a fraction of ``lr``.
         sparsity_warm_up_steps: Steps over which the sparsity coefficient rises linearly from 0.
         dead_window_tokens: A latent that fired on no token in this many tokens (counted over all
-            ranks) is dead: it feeds AuxK and the logged dead-latent rate. 10M as in OpenAI's,
-            sparsify's and dictionary_learning's recipes.
+            ranks) is dead: it feeds AuxK and the logged dead-latent rate, and the feature density
+            written on export covers windows of this many tokens. 10M as in OpenAI's, sparsify's
+            and dictionary_learning's recipes.
         normalize_activations: Scale inputs by ``s = sqrt(d_in) / E‖x‖`` (sae-lens's
             ``expected_average_only_in``), estimated on the first training batch over all ranks
             unless ``activation_scale`` is given. The scale is a buffer, so it is in every
@@ -154,20 +99,25 @@ class SAEModule(_ArchitectureDispatch):
 
     """
 
-    #: sae-lens training-architecture name this module trains (its registry key).
+    #: sae-lens training-architecture name this module trains.
     architecture: ClassVar[str] = ""
+    #: The training SAE class; ``None`` takes the class sae-lens registers for the architecture.
+    training_sae_class: ClassVar[type[TrainingSAE[Any]] | None] = None
+    #: sae-lens training-config field -> the hyper-parameter that fills it. The one mapping
+    #: between the two: export, import and the checkpoint metadata all read it.
+    sae_config_fields: ClassVar[dict[str, str]] = {
+        "d_in": "d_in",
+        "d_sae": "d_sae",
+        "apply_b_dec_to_input": "apply_b_dec_to_input",
+        "decoder_init_norm": "decoder_init_norm",
+    }
     #: SAE tensors kept in the dtype sae-lens created them in, whatever the Trainer precision:
     #: JumpReLU's threshold stops learning in bf16 and BatchTopK's float64 EMA stalls.
     full_precision_tensors: ClassVar[tuple[str, ...]] = ("threshold", "topk_threshold")
+    #: SAE buffers the training pass updates from the rank's own batch, averaged over ranks.
+    rank_averaged_state: ClassVar[tuple[str, ...]] = ()
 
-    sae: TrainingSAE[Any]
-    activation_scale: Tensor
-    tokens_since_fired: Tensor
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.architecture:
-            _MODULES[cls.architecture] = cls
+    unit: SAEUnit
 
     def __init__(
         self,
@@ -176,7 +126,7 @@ class SAEModule(_ArchitectureDispatch):
         lr: float = 3e-4,
         adam_beta1: float = 0.9,
         adam_beta2: float = 0.999,
-        lr_scheduler: LRSchedulerName = "constant",
+        lr_scheduler: str = "constant",
         lr_warm_up_steps: int = 0,
         lr_decay_steps: int = 0,
         lr_min_ratio: float = 0.0,
@@ -199,167 +149,157 @@ class SAEModule(_ArchitectureDispatch):
                 f"{type(self).__name__} got unexpected arguments {sorted(kwargs)}; see "
                 f"help({type(self).__name__}) for the valid ones."
             )
-        if architecture is not None and get_module_class(architecture) is not type(self):
+        if architecture is not None and _key(architecture) not in (
+            _key(self.architecture),
+            _key(type(self).__name__),
+        ):
             raise ValueError(
                 f"architecture={architecture!r} does not match {type(self).__name__} "
                 f"({self.architecture!r}); drop the argument or use SAEModule(architecture=...)."
             )
-        self._validate(locals())
         self.save_hyperparameters(ignore=["architecture"])
-        # Saved so that SAEModule.load_from_checkpoint can rebuild the right subclass.
+        # Saved so that SAEModule.load_from_checkpoint can rebuild by name.
         self.hparams["architecture"] = self.architecture
-
-        self.configure_models()
-        self.configure_metrics()
-
-        self._scale_pending = normalize_activations and activation_scale is None
-        self._window_tokens = 0
-        self._density_published = False
-        self._last_logged_step = -1
-        self._last_log_time: float | None = None
-        self._tokens_since_log = 0
+        self.unit = self.build_unit(self.hparams)
+        self.val_metrics = evaluation_metrics(d_in, "val/")
+        self.test_metrics = evaluation_metrics(d_in, "test/")
 
     # ------------------------------------------------------------------ construction
-    @staticmethod
-    def _validate(args: Mapping[str, Any]) -> None:
+    @classmethod
+    def validate_hparams(cls, hp: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming the first invalid hyper-parameter and the fix.
+
+        Subclasses extend it (calling ``super()``) with their own rules.
+        """
         for name in ("d_in", "d_sae", "dead_window_tokens"):
-            value = args[name]
+            value = hp[name]
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not args["lr"] > 0:
-            raise ValueError(f"lr must be positive, got {args['lr']!r}.")
+        if not hp["lr"] > 0:
+            raise ValueError(f"lr must be positive, got {hp['lr']!r}.")
         for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= args[name] < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {args[name]!r}.")
+            if not 0.0 <= hp[name] < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {hp[name]!r}.")
         for name in ("lr_warm_up_steps", "lr_decay_steps", "sparsity_warm_up_steps"):
-            if args[name] < 0:
-                raise ValueError(f"{name} must be >= 0, got {args[name]!r}.")
-        scale = args["activation_scale"]
-        if scale is not None and not (scale > 0 and scale != float("inf")):
-            raise ValueError(f"activation_scale must be a positive finite number, got {scale!r}.")
-        if args["lr_scheduler"] not in ("constant", "cosine"):
+            if hp[name] < 0:
+                raise ValueError(f"{name} must be >= 0, got {hp[name]!r}.")
+        if hp["lr_scheduler"] not in ("constant", "cosine"):
             raise ValueError(
-                f"lr_scheduler must be 'constant' or 'cosine', got {args['lr_scheduler']!r}."
+                f"lr_scheduler must be 'constant' or 'cosine', got {hp['lr_scheduler']!r}."
             )
 
-    def sae_config_kwargs(self) -> dict[str, Any]:
-        """Architecture-specific fields of the sae-lens training config, from ``self.hparams``."""
-        return {}
+    @classmethod
+    def sae_config_kwargs(cls, hp: Mapping[str, Any]) -> dict[str, Any]:
+        """Fields of the sae-lens training config, from the hyper-parameters."""
+        return {field: hp[name] for field, name in cls.sae_config_fields.items()}
 
-    def build_sae_config(self) -> TrainingSAEConfig:
-        """Build the sae-lens training config of this module's architecture."""
-        _, config_cls = get_sae_training_class(self.architecture)
-        return config_cls(
-            d_in=self.hparams.d_in,
-            d_sae=self.hparams.d_sae,
-            apply_b_dec_to_input=self.hparams.apply_b_dec_to_input,
-            decoder_init_norm=self.hparams.decoder_init_norm,
-            # Normalisation is ours (a checkpointed buffer), so the SAE always sees scaled input.
-            normalize_activations="none",
-            **self.sae_config_kwargs(),
-        )
+    @classmethod
+    def hparams_from_sae_config(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """Hyper-parameters of this class that an sae-lens config (dict) determines."""
+        return {name: cfg[field] for field, name in cls.sae_config_fields.items() if field in cfg}
 
-    def configure_models(self) -> None:
-        """Build the wrapped sae-lens SAE and the buffers that travel with it in checkpoints."""
-        sae_cls, _ = get_sae_training_class(self.architecture)
-        seed = self.hparams.seed
+    @classmethod
+    def sae_classes(cls) -> tuple[type[TrainingSAE[Any]], type[TrainingSAEConfig]]:
+        """Return the training SAE class this module builds, and its config class."""
+        registered_cls, config_cls = get_sae_training_class(cls.architecture)
+        return cls.training_sae_class or registered_cls, config_cls
+
+    @classmethod
+    def build_unit(cls, hp: Mapping[str, Any]) -> SAEUnit:
+        """Validate ``hp`` (every hyper-parameter of this class) and build the SAE's unit."""
+        cls.validate_hparams(hp)
+        sae_cls, config_cls = cls.sae_classes()
+        # Normalisation is ours (a checkpointed buffer), so the SAE always sees scaled input.
+        config = config_cls(**cls.sae_config_kwargs(hp), normalize_activations="none")
+        seed = hp["seed"]
         with torch.random.fork_rng(enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            self.sae = sae_cls(self.build_sae_config())
-        scale = self.hparams.activation_scale if self.hparams.normalize_activations else None
-        self.register_buffer("activation_scale", torch.tensor(scale or 1.0, dtype=torch.float32))
-        self.register_buffer(
-            "tokens_since_fired", torch.zeros(self.hparams.d_sae, dtype=torch.int64)
+            sae = sae_cls(config)
+        return SAEUnit(
+            sae,
+            ActivationNormalizer(hp["d_in"], hp["normalize_activations"], hp["activation_scale"]),
+            TrainingStatistics(hp["d_in"], hp["d_sae"], hp["dead_window_tokens"]),
+            OptimizerSettings(
+                **{name: hp[name] for name in OptimizerSettings.__dataclass_fields__}
+            ),
+            check_finite=hp["check_finite"],
+            full_precision=cls.full_precision_tensors,
+            rank_averaged=cls.rank_averaged_state,
         )
-        self.register_buffer(
-            "feature_density", torch.zeros(self.hparams.d_sae, dtype=torch.float64)
-        )
-        # Dotted name -> dtype of every tensor kept out of the Trainer's precision.
-        names = [f"sae.{name}" for name in self.full_precision_tensors]
-        names += ["activation_scale", "feature_density"]
-        state = dict(self.named_parameters()) | dict(self.named_buffers())
-        self._full_precision_dtypes = {name: state[name].dtype for name in names if name in state}
 
-    def configure_metrics(self) -> None:
-        """Create the train/val metric collections and the dead-latent window metrics."""
-        d_in, d_sae = self.hparams.d_in, self.hparams.d_sae
-        # Updated with keyword arguments: each metric takes the ones its update() names.
-        reconstruction = {
-            "explained_variance": ExplainedVariance(d_in),
-            "nmse": NormalizedMSE(d_in),
-        }
-        # One compute group: EV and NMSE share their states, so one update feeds both.
-        self.train_metrics = MetricCollection(reconstruction, prefix="train/")
-        self.val_metrics = MetricCollection({"l0": L0(), **reconstruction}, prefix="val/").clone()
-        # The training step feeds these two from one count pass over [batch, d_sae].
-        self.train_l0 = L0()
-        self.train_density = FeatureDensity(d_sae)  # reset every dead_window_tokens
+    @classmethod
+    def default_hparams(cls) -> dict[str, Any]:
+        """Every constructor argument of this class with its default (required ones omitted)."""
+        defaults: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            if isinstance(klass, type) and issubclass(klass, SAEModule):
+                for name, parameter in inspect.signature(klass.__init__).parameters.items():
+                    if parameter.default is not inspect.Parameter.empty:
+                        defaults[name] = parameter.default
+        defaults.pop("architecture", None)
+        return defaults
 
-    # ------------------------------------------------------------------ logging
-    def attach_to(self, owner: LightningModule, log_prefix: str) -> None:
-        """Train as part of ``owner`` (a multi-SAE module): log through it under ``log_prefix``."""
-        # Kept out of the module tree: the owner already holds this module as a child.
-        self.__dict__["_owner"] = owner
-        self.__dict__["_log_prefix"] = log_prefix
+    # ------------------------------------------------------------------ the parts
+    @property
+    def sae(self) -> TrainingSAE[Any]:
+        """The wrapped sae-lens training SAE (it sees normalised activations)."""
+        return self.unit.sae
 
-    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-        """Log like ``LightningModule.log``, through the owning module when there is one."""
-        owner = self.__dict__.get("_owner")
-        if owner is not None:
-            owner.log(f"{self.__dict__['_log_prefix']}{name}", value, *args, **kwargs)
-        else:
-            super().log(name, value, *args, **kwargs)
+    @property
+    def activation_scale(self) -> Tensor:
+        """The factor activations are multiplied by before the SAE sees them."""
+        return self.unit.normalizer.scale
 
-    # ------------------------------------------------------------------ inference API
-    def encode(self, x: Tensor) -> Tensor:
-        """Latents of activations ``x`` (given in the input's own units)."""
-        return self.sae.encode(x * self.activation_scale)
+    @property
+    def feature_density(self) -> Tensor:
+        """Per-latent firing frequency of the last closed window (what an export writes)."""
+        return self.unit.statistics.feature_density
 
-    def decode(self, feature_acts: Tensor) -> Tensor:
-        """Reconstruction, in the input's own units, of latents ``feature_acts``."""
-        return self.sae.decode(feature_acts) / self.activation_scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Reconstruct activations ``x``; the result is in ``x``'s units and dtype."""
-        return self.decode(self.encode(x)).to(x.dtype)
+    @property
+    def tokens_since_fired(self) -> Tensor:
+        """Tokens, over all ranks, since each latent last fired."""
+        return self.unit.statistics.tokens_since_fired
 
     @property
     def dead_latent_mask(self) -> Tensor:
         """Latents that fired on no token in the last ``dead_window_tokens`` tokens."""
-        return self.tokens_since_fired >= self.hparams.dead_window_tokens
+        return self.unit.statistics.dead_latent_mask
 
-    # ------------------------------------------------------------------ training
-    def sparsity_coefficients(self) -> dict[str, float]:
-        """Return the sae-lens loss coefficients at the current step, after linear warm-up."""
-        coefficients = {}
-        for name, config in self.sae.get_coefficients().items():
-            value, warm_up = (config, 0) if isinstance(config, int | float) else config
-            coefficients[name] = warm_up_coefficient(value, warm_up, self.global_step)
-        return coefficients
+    # ------------------------------------------------------------------ inference API
+    def encode(self, x: Tensor) -> Tensor:
+        """Latents of activations ``x`` (given in the input's own units)."""
+        return self.unit.encode(x)
 
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        """Reconstruction, in the input's own units, of latents ``feature_acts``."""
+        return self.unit.decode(feature_acts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruct activations ``x``; the result is in ``x``'s units and dtype."""
+        return self.unit(x)
+
+    # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One sae-lens training forward pass on a ``[batch, d_in]`` tensor of activations."""
-        x = self._activations(batch)
-        if self.hparams.check_finite:
-            self._check_finite(x)
-        if self._scale_pending:
-            self._estimate_activation_scale(x)
-        sae_in = x * self.activation_scale
-        output = self.sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=sae_in,
-                coefficients=self.sparsity_coefficients(),
-                dead_neuron_mask=self.dead_latent_mask,
-                n_training_steps=self.global_step,
-                is_logging_step=False,
-            )
+        """One training pass on a ``[batch, d_in]`` tensor of activations."""
+        result = self.unit.training_step(
+            self._activations(batch), self.global_step, self._log_every_n_steps()
         )
-        self.synchronize_sae_state()
-        self._track_training_statistics(output)
-        self.log("train/loss", output.loss, prog_bar=False)
-        self.log_dict({f"train/{name}": value for name, value in output.losses.items()})
-        return output.loss
+        log_step_result(self, result)
+        return result.loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Evaluate inference-mode ``encode``/``decode`` on held-out activations."""
+        self.unit.evaluate(self._activations(batch), self.val_metrics)
+        self.log_dict(self.val_metrics, on_step=False, on_epoch=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Like :meth:`validation_step`, logged under ``test/``."""
+        self.unit.evaluate(self._activations(batch), self.test_metrics)
+        self.log_dict(self.test_metrics, on_step=False, on_epoch=True)
+
+    def _log_every_n_steps(self) -> int:
+        return self.trainer.log_every_n_steps if self._trainer is not None else 50
 
     def _activations(self, batch: Any) -> Tensor:
         if isinstance(batch, list | tuple) and len(batch) == 1:
@@ -367,199 +307,130 @@ class SAEModule(_ArchitectureDispatch):
         if not isinstance(batch, Tensor):
             raise TypeError(
                 f"{type(self).__name__} expects a tensor [batch, d_in] of activations, got "
-                f"{type(batch).__name__}. For several hooks at once use a multi-SAE module."
+                f"{type(batch).__name__}. For several hooks at once use MultiSAEModule."
             )
-        if batch.ndim != 2 or batch.shape[-1] != self.hparams.d_in:
+        d_in = self.hparams.d_in
+        if batch.ndim != 2 or batch.shape[-1] != d_in:
             raise ValueError(
-                f"Expected activations of shape [batch, {self.hparams.d_in}] (d_in), got "
+                f"Expected activations of shape [batch, {d_in}] (d_in), got "
                 f"{tuple(batch.shape)}. Flatten tokens into the batch dimension, or set d_in."
             )
         if not batch.is_floating_point():
             raise TypeError(f"Activations must be a float tensor, got {batch.dtype}.")
         return batch
 
-    def _check_finite(self, x: Tensor) -> None:
-        if not torch.isfinite(x).all():
-            bad = (~torch.isfinite(x)).any(dim=-1).nonzero().flatten()[:5].tolist()
-            raise FloatingPointError(
-                f"The training batch at global step {self.global_step} holds NaN or inf "
-                f"activations (first bad rows: {bad}); the weights were not updated. Check the "
-                "activation source, or the model's dtype (fp16 activations overflow)."
-            )
+    def on_train_start(self) -> None:
+        """Start counting the density windows this fit closes."""
+        self.unit.statistics.density_published = False
 
-    @torch.no_grad()
-    def _estimate_activation_scale(self, x: Tensor) -> None:
-        """Set ``activation_scale = sqrt(d_in) / E‖x‖`` from this batch, averaged over ranks."""
-        stats = torch.stack([x.float().norm(dim=-1).sum(), x.new_tensor(x.shape[0]).float()])
-        stats = self._all_reduce_sum(stats)
-        mean_norm = (stats[0] / stats[1]).clamp_min(torch.finfo(torch.float32).tiny)
-        self.activation_scale.fill_(float(self.hparams.d_in**0.5 / mean_norm))
-        self._scale_pending = False
+    def on_train_end(self) -> None:
+        """Publish the open density window if this fit closed none (for the exporter)."""
+        density = self.unit.finish_fit()
+        if density is not None:
+            log_density_histogram(self, "train/feature_density_log10", density)
 
-    def synchronize_sae_state(self) -> None:
-        """Make state the SAE updated in its training pass identical on every rank.
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Adam with a per-step warm-up / constant-or-cosine / linear-decay schedule."""
+        return adam_with_schedules([self.unit], _max_steps(self))
 
-        Called after every training forward pass; a no-op unless an architecture keeps such state
-        (BatchTopK's threshold EMA).
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the class and the SAE's metadata (model, hook, dataset; e.g. of a release)."""
+        checkpoint[CLASS_PATH_KEY] = class_path(type(self))
+        checkpoint["sae_metadata"] = self.sae.cfg.metadata.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the metadata; keep the checkpoint's activation scale (never re-estimate)."""
+        self.unit.mark_restored()
+        if "sae_metadata" in checkpoint:
+            self.sae.cfg.metadata = SAEMetadata(**checkpoint["sae_metadata"])
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Load a checkpoint into the class that saved it (when called on ``SAEModule``).
+
+        On a concrete class it behaves as Lightning's own. Lightning checkpoints are pickles:
+        load only files you trust.
         """
-
-    def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return tensor
-        return trainer.strategy.reduce(tensor, reduce_op="sum")
-
-    @torch.no_grad()
-    def _track_training_statistics(self, output: TrainStepOutput) -> None:
-        """Update dead-latent counters and metrics; compute and log them on logging steps."""
-        feature_acts = output.feature_acts
-        world_size = self.trainer.world_size if self._trainer is not None else 1
-        batch_tokens = feature_acts.shape[0] * world_size
-        counts = active_counts(feature_acts)  # the one pass over [batch, d_sae]
-        fired = self._all_reduce_sum((counts[:-1] > 0).to(torch.float32)) > 0
-        self.tokens_since_fired.add_(batch_tokens).masked_fill_(fired, 0)
-
-        self.train_metrics.update(output.sae_in, output.sae_out)
-        self.train_l0.update(active_counts=counts)
-        self.train_density.update(active_counts=counts)
-        self._window_tokens += batch_tokens
-        self._tokens_since_log += batch_tokens
-
-        if self._trainer is None:
-            return
-        step = self.global_step
-        # global_step repeats over the micro-batches of gradient accumulation: compute once.
-        if (step + 1) % self.trainer.log_every_n_steps == 0 and step != self._last_logged_step:
-            self._last_logged_step = step
-            self._log_window_metrics()
-        if self._window_tokens >= self.hparams.dead_window_tokens:
-            density = self._publish_feature_density()
-            self.log("train/dead_latent_rate", (density == 0).float().mean())
-
-    def _log_window_metrics(self) -> None:
-        # compute() is a collective under DDP; every rank reaches this on the same step.
-        values = {**self.train_metrics.compute(), "train/l0": self.train_l0.compute()}
-        self.train_metrics.reset()
-        self.train_l0.reset()
-        now = time.perf_counter()
-        if self._last_log_time is not None:
-            values["train/tokens_per_sec"] = torch.tensor(
-                self._tokens_since_log / max(now - self._last_log_time, 1e-9)
+        target: type[SAEModule] = cls
+        if not cls.architecture:
+            checkpoint = load_checkpoint_file(
+                checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only")
             )
-        self._last_log_time, self._tokens_since_log = now, 0
-        self.log_dict({name: value.float() for name, value in values.items()})
+            saved = checkpoint.get(CLASS_PATH_KEY)
+            if saved is not None:
+                saved_cls = import_class(saved)
+                if not issubclass(saved_cls, SAEModule):
+                    raise TypeError(f"{checkpoint_path} records {saved}, which is no SAEModule.")
+                target = saved_cls
+        # Lightning's own implementation, bound to the target class.
+        load = LightningModule.load_from_checkpoint.__func__  # type: ignore[attr-defined]
+        return load(target, checkpoint_path, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        upgrade_state_dict(state_dict, prefix, self)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def _max_steps(module: LightningModule) -> int | None:
+    return module.trainer.max_steps if module._trainer is not None else None
+
+
+def log_step_result(module: LightningModule, result: StepResult, prefix: str = "") -> None:
+    """Log a unit's step through ``module`` (names prefixed by ``prefix``, e.g. a hook name)."""
+    module.log_dict({f"{prefix}{name}": value for name, value in result.losses.items()})
+    if result.metrics:
+        module.log_dict({f"{prefix}{name}": value for name, value in result.metrics.items()})
         short = {
             "train/l0": "l0",
             "train/explained_variance": "ev",
             "train/tokens_per_sec": "tok/s",
         }
-        self.log_dict(
-            {short[name]: value.float() for name, value in values.items() if name in short},
-            prog_bar=True,
-            logger=False,
-        )
-
-    def _publish_feature_density(self) -> Tensor:
-        """Copy the window's feature density to the checkpointed buffer, histogram it, reset.
-
-        ``compute()`` is a collective: every rank calls this on the same step.
-        """
-        density = self.train_density.compute()
-        self.train_density.reset()
-        self._window_tokens = 0
-        self.feature_density.copy_(density)
-        self._density_published = True
-        log_density = log10_feature_density(density)
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_histogram(
-                    "train/feature_density_log10", log_density, self.global_step
-                )
-        return density
-
-    def on_train_start(self) -> None:
-        """Start counting the density windows this fit closes."""
-        self._density_published = False
-
-    def on_train_end(self) -> None:
-        """Publish the open window if this fit closed none, so the exporter sees this run."""
-        if self._window_tokens > 0 and not self._density_published:
-            self._publish_feature_density()
-
-    # ------------------------------------------------------------------ validation
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Evaluate inference-mode ``encode``/``decode`` (never the training pass)."""
-        x = self._activations(batch)
-        sae_in = x * self.activation_scale
-        feature_acts = self.sae.encode(sae_in)
-        self.val_metrics.update(
-            x=sae_in, x_hat=self.sae.decode(feature_acts), feature_acts=feature_acts
-        )
-        self.log_dict(self.val_metrics, on_step=False, on_epoch=True)
-
-    # ------------------------------------------------------------------ optimisation
-    def param_group(self) -> dict[str, Any]:
-        """Return the Adam parameter group of this SAE: parameters, learning rate and betas."""
-        hp = self.hparams
-        return {
-            "params": list(self.parameters()),
-            "lr": hp.lr,
-            "betas": (hp.adam_beta1, hp.adam_beta2),
+        bar = {
+            f"{prefix}{short[name]}": value
+            for name, value in result.metrics.items()
+            if name in short
         }
+        module.log_dict(bar, prog_bar=True, logger=False)
+    if result.density is not None:
+        log_density_histogram(module, f"{prefix}train/feature_density_log10", result.density)
 
-    def lr_schedule(self) -> LRSchedule:
-        """Return the learning-rate multiplier per step (decay needs ``max_steps``)."""
-        hp = self.hparams
-        max_steps = self.trainer.max_steps if self._trainer is not None else -1
-        return LRSchedule(
-            total_steps=max_steps if max_steps and max_steps > 0 else None,
-            warm_up_steps=hp.lr_warm_up_steps,
-            decay_steps=hp.lr_decay_steps,
-            scheduler=hp.lr_scheduler,
-            min_lr_ratio=hp.lr_min_ratio,
-        )
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """Adam with a per-step warm-up / constant-or-cosine / linear-decay schedule."""
-        return adam_with_schedules([self])
+def log_density_histogram(module: LightningModule, name: str, density: Tensor) -> None:
+    """Send the log10 feature density to every TensorBoard logger of ``module``."""
+    if module._trainer is None:
+        return
+    for logger in module.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_histogram(
+                name, log10_feature_density(density), module.global_step
+            )
 
-    # ------------------------------------------------------------------ checkpoints & dtypes
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the SAE's metadata (model, hook, dataset; e.g. of an imported release)."""
-        checkpoint["sae_metadata"] = self.sae.cfg.metadata.to_dict()
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the metadata and keep the checkpoint's activation scale (never re-estimate)."""
-        self._scale_pending = False
-        if "sae_metadata" in checkpoint:
-            self.sae.cfg.metadata = SAEMetadata(**checkpoint["sae_metadata"])
+#: State-dict names of lightning-sae 0.1, before the SAE moved into its unit.
+_RENAMED_STATE = {
+    "sae.": "unit.sae.",
+    "activation_scale": "unit.normalizer.scale",
+    "tokens_since_fired": "unit.statistics.tokens_since_fired",
+    "feature_density": "unit.statistics.feature_density",
+}
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "SAEModule":
-        """Move/cast like any module, but keep thresholds in full precision and resync the SAE.
 
-        Lightning moves and casts the parent module, so the child SAE's ``device``/``dtype``
-        attributes (read by sae-lens's ``process_sae_in``) would otherwise go stale.
-        """
-        super()._apply(fn, recurse)
-        if "sae" not in self.__dict__["_modules"]:
-            return self  # still inside __init__
-        for dotted, dtype in self._full_precision_dtypes.items():
-            owner_name, _, name = dotted.rpartition(".")
-            owner = self.get_submodule(owner_name)
-            tensor = getattr(owner, name)
-            if tensor.dtype == dtype:
-                continue
-            if isinstance(tensor, torch.nn.Parameter):
-                tensor.data = tensor.data.to(dtype)
-            else:
-                owner._buffers[name] = tensor.to(dtype)
-        for module in self.modules():
-            if isinstance(module, Metric):
-                # A plain .to(bf16) (bf16-true) casts metric states and their defaults too.
-                module.set_dtype(torch.float64)
-        sae = self.sae
-        sae.dtype = sae.W_enc.dtype
-        sae.device = sae.W_enc.device
-        sae.cfg.dtype = dtype_to_str(sae.dtype)
-        sae.cfg.device = str(sae.device)
-        return self
+def upgrade_state_dict(state_dict: dict[str, Any], prefix: str, module: torch.nn.Module) -> None:
+    """Rename a lightning-sae 0.1 state dict in place and fill the state it did not have yet."""
+    renamed = False
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = key[len(prefix) :]
+        for old, new in _RENAMED_STATE.items():
+            if name == old or (old.endswith(".") and name.startswith(old)):
+                state_dict[prefix + new + name[len(old) :]] = state_dict.pop(key)
+                renamed = True
+                break
+    if renamed:
+        for name, value in module.state_dict().items():
+            state_dict.setdefault(prefix + name, value)

@@ -2,14 +2,15 @@
 
 This is Gemma Scope's "all layers" set-up: the :class:`~lightning_sae.ActivationDataModule` with
 several ``hook_names`` yields ``{hook_name: [batch, d_in]}`` batches, and :class:`MultiSAEModule`
-routes each hook's activations to its own :class:`SAEModule`. The SAEs share nothing but the
-optimiser object: each keeps its own parameter group, learning-rate schedule, gradient clipping,
-activation scale, dead-latent counters and metrics (logged under ``<hook_name>/``).
+routes each hook's activations to its own :class:`~lightning_sae.modules.unit.SAEUnit`. The SAEs
+share nothing but the optimiser object: each keeps its own parameter group, learning-rate
+schedule, gradient clipping, activation scale, dead-latent counters and metrics (logged under
+``<hook_name>/``).
 
 >>> module = MultiSAEModule("topk", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
 ...                         d_in=16, d_sae=64, k=4)
->>> type(module.sae_module("blocks.1.hook_resid_post")).__name__
-'TopKSAE'
+>>> module.sae_unit("blocks.1.hook_resid_post").sae.cfg.architecture()
+'topk'
 """
 
 from collections.abc import Mapping
@@ -17,12 +18,22 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor, nn
 
-from lightning_sae.modules.base import SAEModule, adam_with_schedules, get_module_class
+from lightning_sae.modules.base import (
+    CLASS_PATH_KEY,
+    SAEModule,
+    log_density_histogram,
+    log_step_result,
+)
+from lightning_sae.modules.statistics import evaluation_metrics
+from lightning_sae.modules.unit import SAEUnit
+from lightning_sae.optim import adam_with_schedules
+from lightning_sae.registry import class_path, get_module_class
 
 
-def _child_key(hook_name: str) -> str:
+def _key(hook_name: str) -> str:
     # ModuleDict keys cannot contain ".", hook names always do.
     return hook_name.replace(".", "__")
 
@@ -30,29 +41,37 @@ def _child_key(hook_name: str) -> str:
 class MultiSAEModule(LightningModule):
     """Train one SAE of the same architecture per hook from one stream of activations.
 
-    Export each SAE with ``export_to_sae_lens(module.sae_module(hook), path,
-    metadata={"hook_name": hook})``.
+    ``d_in`` may be ``{hook_name: width}`` (what :attr:`ActivationDataModule.d_in` gives for
+    several hooks, so the command line links it); its keys are then the hooks. Export every SAE
+    with :class:`~lightning_sae.SAELensExport` (a folder per hook) or
+    ``export_to_sae_lens(module, path, hook_name=hook)``.
 
     Args:
-        architecture: sae-lens architecture or module class name of every SAE (``"batchtopk"``).
-        hook_names: The hooks, in the order the DataModule names them.
+        architecture: Architecture or module class name of every SAE (``"batchtopk"``).
+        hook_names: The hooks, in the order the DataModule names them (default: ``d_in``'s keys).
         d_in: Activation width, one int for all hooks or ``{hook_name: d_in}``.
         d_sae: Number of latents of every SAE.
         per_hook: Per-hook overrides of the SAE arguments, ``{hook_name: {"k": 64}}``.
-        **sae_kwargs: Arguments of every SAE (``k``, ``lr``, ``dead_window_tokens``, ...).
+        sae_options: Arguments of every SAE (``k``, ``lr``, ...) as a mapping (config files).
+        **sae_kwargs: The same as keyword arguments.
 
     """
 
     def __init__(
         self,
         architecture: str,
-        hook_names: list[str],
-        d_in: int | Mapping[str, int],
-        d_sae: int,
+        hook_names: list[str] | None = None,
+        d_in: int | Mapping[str, int] = 0,
+        d_sae: int = 0,
         per_hook: Mapping[str, Mapping[str, Any]] | None = None,
+        sae_options: Mapping[str, Any] | None = None,
         **sae_kwargs: Any,
     ) -> None:
         super().__init__()
+        if hook_names is None:
+            if not isinstance(d_in, Mapping):
+                raise ValueError("Pass hook_names, or d_in as {hook_name: width}.")
+            hook_names = list(d_in)
         hook_names = list(hook_names)
         if not hook_names or len(set(hook_names)) != len(hook_names):
             raise ValueError(f"hook_names must be non-empty and distinct, got {hook_names!r}.")
@@ -67,26 +86,38 @@ class MultiSAEModule(LightningModule):
             raise ValueError(f"d_in gives no width for hooks {missing}.")
         self.save_hyperparameters()
         module_cls = get_module_class(architecture)
+        options = dict(sae_options or {}) | sae_kwargs
+        defaults = module_cls.default_hparams()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise TypeError(
+                f"{module_cls.__name__} has no arguments {unknown}; see "
+                f"help({module_cls.__name__})."
+            )
+        #: The architecture's module class: its rules and mappings build every unit.
+        self.module_class: type[SAEModule] = module_cls
         self.hook_names = hook_names
-        self.saes = nn.ModuleDict(
-            {
-                _child_key(hook): module_cls(
-                    d_in=d_in_of[hook], d_sae=d_sae, **(sae_kwargs | dict(per_hook.get(hook, {})))
-                )
-                for hook in hook_names
-            }
-        )
+        self.units = nn.ModuleDict()
+        self.val_metrics = nn.ModuleDict()
+        self.test_metrics = nn.ModuleDict()
         for hook in hook_names:
-            self.sae_module(hook).attach_to(self, log_prefix=f"{hook}/")
+            hparams = defaults | options | dict(per_hook.get(hook, {}))
+            hparams |= {"d_in": d_in_of[hook], "d_sae": d_sae}
+            unknown = sorted(set(hparams) - set(defaults) - {"d_in", "d_sae"})
+            if unknown:
+                raise TypeError(f"per_hook[{hook!r}] has unknown arguments {unknown}.")
+            self.units[_key(hook)] = module_cls.build_unit(hparams)
+            self.val_metrics[_key(hook)] = evaluation_metrics(d_in_of[hook], f"{hook}/val/")
+            self.test_metrics[_key(hook)] = evaluation_metrics(d_in_of[hook], f"{hook}/test/")
 
-    def sae_module(self, hook_name: str) -> SAEModule:
-        """Return the SAE module trained on ``hook_name``."""
+    def sae_unit(self, hook_name: str) -> SAEUnit:
+        """Return the SAE unit trained on ``hook_name``."""
         if hook_name not in self.hook_names:
             raise KeyError(f"No SAE for hook {hook_name!r}; hooks: {self.hook_names}.")
-        return self.saes[_child_key(hook_name)]
+        return self.units[_key(hook_name)]  # type: ignore[return-value]
 
-    def _children(self) -> list[tuple[str, SAEModule]]:
-        return [(hook, self.sae_module(hook)) for hook in self.hook_names]
+    def _units(self) -> list[tuple[str, SAEUnit]]:
+        return [(hook, self.sae_unit(hook)) for hook in self.hook_names]
 
     def _hook_batches(self, batch: Any) -> dict[str, Tensor]:
         if not isinstance(batch, Mapping):
@@ -104,31 +135,51 @@ class MultiSAEModule(LightningModule):
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Reconstruct each hook's activations with its own SAE."""
-        return {hook: sae(batch[hook]) for hook, sae in self._children()}
+        return {hook: unit(batch[hook]) for hook, unit in self._units()}
 
-    # ------------------------------------------------------------------ Lightning hooks
-    def setup(self, stage: str) -> None:
-        """Attach the trainer to every child SAE (a ModuleDict hides them from Lightning)."""
-        for _, sae in self._children():
-            sae.trainer = self.trainer
-
+    # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Sum of the SAEs' losses: their parameters are disjoint, so gradients are independent."""
         hook_batches = self._hook_batches(batch)
-        losses = [
-            sae.training_step(hook_batches[hook], batch_idx) for hook, sae in self._children()
-        ]
+        log_every = self.trainer.log_every_n_steps if self._trainer is not None else 50
+        losses = []
+        for hook, unit in self._units():
+            result = unit.training_step(hook_batches[hook], self.global_step, log_every)
+            log_step_result(self, result, prefix=f"{hook}/")
+            losses.append(result.loss)
         return torch.stack(losses).sum()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Validate each SAE on its own hook."""
-        hook_batches = self._hook_batches(batch)
-        for hook, sae in self._children():
-            sae.validation_step(hook_batches[hook], batch_idx)
+        """Validate each SAE on its own hook, logged under ``<hook>/val/``."""
+        self._evaluate(batch, self.val_metrics)
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Test each SAE on its own hook, logged under ``<hook>/test/``."""
+        self._evaluate(batch, self.test_metrics)
+
+    def _evaluate(self, batch: Any, metrics: nn.ModuleDict) -> None:
+        hook_batches = self._hook_batches(batch)
+        for hook, unit in self._units():
+            unit.evaluate(hook_batches[hook], metrics[_key(hook)])  # type: ignore[arg-type]
+            self.log_dict(metrics[_key(hook)], on_step=False, on_epoch=True)  # type: ignore[arg-type]
+
+    def on_train_start(self) -> None:
+        """Start counting the density windows this fit closes."""
+        for _, unit in self._units():
+            unit.statistics.density_published = False
+
+    def on_train_end(self) -> None:
+        """Let every SAE publish its feature density (for the exporter)."""
+        for hook, unit in self._units():
+            density = unit.finish_fit()
+            if density is not None:
+                log_density_histogram(self, f"{hook}/train/feature_density_log10", density)
+
+    # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         """One Adam with a parameter group and learning-rate schedule per SAE."""
-        return adam_with_schedules([sae for _, sae in self._children()])
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
+        return adam_with_schedules([unit for _, unit in self._units()], max_steps)
 
     def configure_gradient_clipping(
         self,
@@ -139,30 +190,24 @@ class MultiSAEModule(LightningModule):
         """Clip each SAE's gradients on their own, as if it were trained alone."""
         if not gradient_clip_val:
             return
-        for _, sae in self._children():
+        for _, unit in self._units():
             if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(sae.parameters(), gradient_clip_val)
+                torch.nn.utils.clip_grad_value_(unit.parameters(), gradient_clip_val)
             else:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), gradient_clip_val)
+                torch.nn.utils.clip_grad_norm_(unit.parameters(), gradient_clip_val)
 
-    def on_train_start(self) -> None:
-        """Let every SAE start counting this fit's density windows."""
-        for _, sae in self._children():
-            sae.on_train_start()
-
-    def on_train_end(self) -> None:
-        """Let every SAE publish its feature density (for the exporter)."""
-        for _, sae in self._children():
-            sae.on_train_end()
-
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep every SAE's metadata, per hook."""
+        """Record the class and every SAE's metadata, per hook."""
+        checkpoint[CLASS_PATH_KEY] = class_path(type(self))
         checkpoint["sae_metadata"] = {
-            hook: sae.sae.cfg.metadata.to_dict() for hook, sae in self._children()
+            hook: unit.sae.cfg.metadata.to_dict() for hook, unit in self._units()
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore every SAE's metadata and keep its checkpointed activation scale."""
         metadata = checkpoint.get("sae_metadata", {})
-        for hook, sae in self._children():
-            sae.on_load_checkpoint({"sae_metadata": metadata[hook]} if hook in metadata else {})
+        for hook, unit in self._units():
+            unit.mark_restored()
+            if hook in metadata:
+                unit.sae.cfg.metadata = SAEMetadata(**metadata[hook])

@@ -37,7 +37,8 @@ What the paper does not publish, and is our choice (each a hyper-parameter of
 * **Timing**: the mask at step ``t`` uses the EMAs up to step ``t - 1``, and masking starts after
   ``atm_warm_up_steps`` steps, when the EMAs have seen enough batches to mean something.
 * Under DDP each rank updates the EMAs from its own batch (no collective in the forward pass);
-  :class:`~lightning_sae.ATMSAE` then averages them over ranks after every step, so every rank
+  :class:`~lightning_sae.ATMSAE` then averages them over ranks after every step
+  (``rank_averaged_state``), so every rank
   masks from the same scores.
 
 The forward pass is vectorised and never syncs with the host: the warm-up test uses the Python
@@ -66,6 +67,17 @@ from typing_extensions import override
 
 #: Names of the per-latent EMA buffers (float32, in checkpoints, dropped from inference exports).
 ATM_STATISTICS = ("ema_magnitude", "ema_frequency", "ema_contribution")
+#: The config fields ATM adds to sae-lens's ``standard`` training config.
+ATM_HYPERPARAMETERS = (
+    "atm_ema_decay",
+    "atm_magnitude_weight",
+    "atm_frequency_weight",
+    "atm_contribution_weight",
+    "atm_threshold_c",
+    "atm_mask_rate",
+    "atm_warm_up_steps",
+    "atm_mask_granularity",
+)
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -158,6 +170,10 @@ class ATMTrainingSAE(StandardTrainingSAE):
     are part of the state dict, so training checkpoints resume them; inference exports drop them.
     ``ATMSAE`` keeps them float32 under any Trainer precision (a bare ``sae.to(dtype)`` casts them).
     """
+
+    #: Updated from each rank's own batch; the module averages them over ranks every step (with
+    #: equal decays, the average of the ranks' EMAs is the EMA of their averaged statistics).
+    rank_averaged_state = ATM_STATISTICS
 
     cfg: ATMTrainingSAEConfig  # type: ignore[assignment]
     ema_magnitude: Tensor

@@ -56,7 +56,7 @@ def test_emas_stay_float32_under_bf16_and_are_in_the_checkpoint():
     assert module.sae.W_enc.dtype == torch.bfloat16
     state = module.state_dict()
     for name in ATM_STATISTICS:
-        assert state[f"sae.{name}"].dtype == torch.float32
+        assert state[f"unit.sae.{name}"].dtype == torch.float32
 
 
 class LossRecorder(L.Callback):

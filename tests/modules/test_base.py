@@ -138,8 +138,10 @@ def test_bf16_keeps_thresholds_in_full_precision(precision, synthetic_train):
         else:
             assert module.sae.threshold.dtype == torch.float32
         assert module.activation_scale.dtype == torch.float32
-        assert module.train_l0.tokens.dtype == torch.float64  # metric states stay exact
-        assert module.train_metrics["explained_variance"].sum_x.dtype == torch.float64
+        statistics = module.unit.statistics
+        assert statistics.l0.tokens.dtype == torch.float64  # metric states stay exact
+        assert statistics.reconstruction["explained_variance"].sum_x.dtype == torch.float64
+        assert statistics.window.counts.dtype == torch.float64
         expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
         assert module.sae.W_enc.dtype == expected
         assert module.sae.cfg.dtype == str(expected).removeprefix("torch.")
@@ -177,8 +179,16 @@ def test_a_short_fit_publishes_its_own_density(synthetic_train):
 def test_gradient_accumulation_computes_window_metrics_once_per_step(synthetic_train):
     calls = []
     module = TopKSAE(d_in=D_IN, d_sae=64, k=4)
-    original = module._log_window_metrics
-    module._log_window_metrics = lambda: (calls.append(module.global_step), original())[1]
+    statistics = module.unit.statistics
+    original = statistics.values_to_log
+
+    def record(step, log_every_n_steps):
+        values = original(step, log_every_n_steps)
+        if values:
+            calls.append(step)
+        return values
+
+    statistics.values_to_log = record
     trainer = quiet_trainer(max_steps=4, accumulate_grad_batches=2, log_every_n_steps=2)
     trainer.fit(module, loader(synthetic_train[:8192], batch_size=256))
     assert calls == [1, 3]

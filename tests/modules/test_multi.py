@@ -30,10 +30,10 @@ def test_each_sae_trains_exactly_as_it_would_alone(synthetic_train):
     for hook, k in zip(HOOKS, (3, 4), strict=True):
         alone = BatchTopKSAE(d_in=D_IN, **(options | {"k": k}))
         quiet_trainer(**trainer_options).fit(alone, loader(activations[hook]))
-        together = multi.sae_module(hook)
-        assert together.hparams.k == k
-        assert together.activation_scale.item() == pytest.approx(alone.activation_scale.item())
-        for name, tensor in alone.state_dict().items():
+        together = multi.sae_unit(hook)
+        assert together.sae.cfg.k == k
+        assert together.normalizer.scale.item() == pytest.approx(alone.activation_scale.item())
+        for name, tensor in alone.unit.state_dict().items():
             torch.testing.assert_close(together.state_dict()[name], tensor, msg=name)
 
 
@@ -50,7 +50,7 @@ def test_logs_per_hook_and_round_trips_a_checkpoint(tmp_path, synthetic_train):
     x = synthetic_train[:8]
     with torch.no_grad():
         for hook in HOOKS:
-            assert torch.equal(restored.sae_module(hook)(x), multi.sae_module(hook)(x))
+            assert torch.equal(restored.sae_unit(hook)(x), multi.sae_unit(hook)(x))
 
 
 def test_bad_configurations():

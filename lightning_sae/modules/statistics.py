@@ -1,0 +1,133 @@
+"""What an SAE's training run measures about itself: dead latents, metrics, feature density.
+
+One pass over the latents per step (:func:`~lightning_sae.metrics.active_counts`) feeds all of
+it. The counts are summed over DDP ranks every step, so the dead-latent counters and the density
+window are identical on every rank, need no collective to read, and resume exactly from a
+checkpoint. Reconstruction metrics and L0 are torchmetrics that sync when computed.
+
+"Dead" has one definition: a latent that fired on no token, on any rank, in the last
+``dead_window_tokens`` tokens. It feeds AuxK and the logged ``dead_latent_rate``.
+"""
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from lightning_sae.distributed import all_reduce_sum, world_size
+from lightning_sae.metrics import (
+    L0,
+    ExplainedVariance,
+    FeatureDensity,
+    NormalizedMSE,
+    active_counts,
+)
+
+
+def evaluation_metrics(d_in: int, prefix: str) -> MetricCollection:
+    """L0, explained variance and normalised MSE under ``prefix`` (``val/``, ``test/``)."""
+    return MetricCollection(
+        {"l0": L0(), "explained_variance": ExplainedVariance(d_in), "nmse": NormalizedMSE(d_in)},
+        prefix=prefix,
+    )
+
+
+class TrainingStatistics(nn.Module):
+    """Dead-latent counters, the logged training metrics and the feature-density window.
+
+    Args:
+        d_in: Width of the activations.
+        d_sae: Number of latents.
+        dead_window_tokens: Window, in tokens over all ranks, of the dead-latent definition and of
+            the feature density written to ``sparsity.safetensors``.
+
+    """
+
+    tokens_since_fired: Tensor
+    feature_density: Tensor
+    window_token_count: Tensor
+
+    def __init__(self, d_in: int, d_sae: int, dead_window_tokens: int) -> None:
+        super().__init__()
+        self.dead_window_tokens = dead_window_tokens
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
+        #: Density of the last closed window: what the exporter writes.
+        self.register_buffer("feature_density", torch.zeros(d_sae, dtype=torch.float64))
+        # Updated with counts already summed over ranks: no sync when computed, and the same
+        # (checkpointed) state on every rank.
+        self.window = FeatureDensity(d_sae, sync_on_compute=False)
+        self.window.persistent(True)
+        # The open window's token count, checkpointed; mirrored as a Python int read every step.
+        self.register_buffer("window_token_count", torch.zeros((), dtype=torch.int64))
+        self.reconstruction = MetricCollection(
+            {"explained_variance": ExplainedVariance(d_in), "nmse": NormalizedMSE(d_in)},
+            prefix="train/",
+        )
+        self.l0 = L0()
+        self.window_tokens = 0
+        self.density_published = False
+        self._last_logged_step = -1
+        self._last_log_time: float | None = None
+        self._tokens_since_log = 0
+
+    @property
+    def dead_latent_mask(self) -> Tensor:
+        """Latents that fired on no token in the last ``dead_window_tokens`` tokens."""
+        return self.tokens_since_fired >= self.dead_window_tokens
+
+    @torch.no_grad()
+    def update(self, sae_in: Tensor, sae_out: Tensor, feature_acts: Tensor) -> None:
+        """Count one training batch: dead-latent counters, window, metrics.
+
+        ``feature_acts`` may be dense or a sparse CSR tensor. Every rank calls this every step.
+        """
+        local = active_counts(feature_acts)
+        counts = all_reduce_sum(local)  # [d_sae + 1]: per-latent firings, then tokens
+        self.tokens_since_fired.add_(counts[-1]).masked_fill_(counts[:-1] > 0, 0)
+        self.window.update(active_counts=counts)
+        self.l0.update(active_counts=local)
+        self.reconstruction.update(sae_in, sae_out)
+        batch_tokens = sae_in.shape[0] * world_size()
+        self.window_tokens += batch_tokens
+        self.window_token_count.fill_(self.window_tokens)
+        self._tokens_since_log += batch_tokens
+
+    def values_to_log(self, step: int, log_every_n_steps: int) -> dict[str, Tensor]:
+        """Metrics of the steps since the last logging step, on logging steps (else ``{}``).
+
+        A collective under DDP: every rank calls it on every step. Under gradient accumulation
+        the same ``step`` repeats; the metrics are computed once per step.
+        """
+        if (step + 1) % log_every_n_steps != 0 or step == self._last_logged_step:
+            return {}
+        self._last_logged_step = step
+        values = {**self.reconstruction.compute(), "train/l0": self.l0.compute()}
+        self.reconstruction.reset()
+        self.l0.reset()
+        values["train/dead_latent_rate"] = self.dead_latent_mask.double().mean()
+        now = time.perf_counter()
+        if self._last_log_time is not None:
+            elapsed = max(now - self._last_log_time, 1e-9)
+            values["train/tokens_per_sec"] = torch.tensor(self._tokens_since_log / elapsed)
+        self._last_log_time, self._tokens_since_log = now, 0
+        return {name: value.float() for name, value in values.items()}
+
+    def close_full_window(self) -> Tensor | None:
+        """Publish the density window once it holds ``dead_window_tokens`` tokens."""
+        return self.publish_density() if self.window_tokens >= self.dead_window_tokens else None
+
+    def publish_density(self) -> Tensor:
+        """Copy the window's density to :attr:`feature_density`, start a new window, return it."""
+        density = self.window.compute()
+        self.window.reset()
+        self.window_tokens = 0
+        self.window_token_count.zero_()
+        self.feature_density.copy_(density)
+        self.density_published = True
+        return density
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.window_tokens = int(self.window_token_count)

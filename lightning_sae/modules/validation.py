@@ -1,0 +1,20 @@
+"""Hyper-parameter rules shared by several architectures (one place for each rule)."""
+
+from typing import Any
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}.")
+
+
+def check_k(k: Any, d_sae: int, integer: bool) -> None:
+    """Raise ``ValueError`` unless ``0 < k <= d_sae`` (and whole, for per-token top-k)."""
+    if isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k <= d_sae:
+        raise ValueError(
+            f"k must satisfy 0 < k <= d_sae ({d_sae}), got {k!r}: k is the number of active "
+            "latents per token."
+        )
+    if integer and isinstance(k, float) and not k.is_integer():
+        raise ValueError(f"TopKSAE needs an integer k, got {k!r}; BatchTopKSAE takes floats.")
