@@ -62,7 +62,7 @@ class SAECLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Take ``d_in`` from the DataModule: a width for one hook, ``{hook: width}`` for several."""
+        """Take ``d_in`` from the DataModule: a width, or ``{hook: width}`` for several hooks."""
         parser.link_arguments("data", "model.init_args.d_in", _d_in, apply_on="instantiate")
 
     def instantiate_classes(self) -> None:

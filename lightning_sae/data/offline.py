@@ -10,11 +10,11 @@ well under a second with ``AutoModelForCausalLM.from_pretrained(folder)``.
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from lightning_sae.io import atomic_folder
 
 #: Name under which :class:`~lightning_sae.ActivationDataModule` accepts the offline model.
 SMOLLM2_NAME = "smollm2-135m"
@@ -37,13 +37,22 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "lightning_sae"
 
 
+class _ConvertedMeanwhile(Exception):
+    """Another process finished the conversion while this one ran."""
+
+
+def _not_converted_meanwhile(target: Path) -> None:
+    if (target / "config.json").is_file():
+        raise _ConvertedMeanwhile
+
+
 def smollm2_path() -> Path:
     """Path of a plain fp32 Hugging Face folder holding SmolLM2-135M-Instruct, converted once.
 
     transformers dequantises the GGUF to fp32 but leaves a ``quantization_config`` on the model
     that makes ``save_pretrained`` and transformer-lens refuse it; the model is rebuilt from its
-    config without it. The folder is written under a temporary name and renamed into place, so an
-    interrupted conversion never leaves a half-written model behind.
+    config without it. The folder is written atomically, so an interrupted conversion never
+    leaves a half-written model behind.
     """
     target = cache_root() / SMOLLM2_NAME
     if (target / "config.json").is_file():
@@ -62,17 +71,12 @@ def smollm2_path() -> Path:
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():  # not another process winning the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(target, check=_not_converted_meanwhile) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except _ConvertedMeanwhile:
+        pass  # another process converted it first: keep theirs
     return target
 
 
