@@ -19,13 +19,16 @@ resolved config saved as ``config.yaml`` in the logger's folder (``SaveConfigCal
 callbacks such as :class:`~lightning_sae.SAELensExport` under ``trainer.callbacks`` in YAML.
 """
 
+import copy
+import warnings
 from typing import Any, NoReturn
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 import lightning_sae.modules  # noqa: F401  (imports every module class for --model NAME)
 from lightning_sae.data import ActivationDataModule
-from lightning_sae.registry import available_architectures, get_module_class
+from lightning_sae.registry import available_architectures, get_module_class, import_class
 
 
 class SAEArgumentParser(LightningArgumentParser):
@@ -65,12 +68,68 @@ class SAECLI(LightningCLI):
         """Take ``d_in`` from the DataModule: a width, or ``{hook: width}`` for several hooks."""
         parser.link_arguments("data", "model.init_args.d_in", _d_in, apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Take ``--ckpt_path``'s hyper-parameters, refusing any that contradict the config.
+
+        Lightning lets the checkpoint's model silently replace the one asked for (another
+        ``--model``, another ``k``); here a different class or SAE-defining argument is a usage
+        error, and other differences (learning rate...) are reported as the checkpoint's values.
+        """
+        subcommand = self.config.get("subcommand")
+        asked = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
+        super()._parse_ckpt_path()
+        used = self.config[subcommand].get("model") if subcommand else None
+        if asked is None or used is None or asked == used:
+            return
+        if asked.get("class_path") != used.get("class_path"):
+            self.parser.error(
+                f"--ckpt_path holds a {used.get('class_path')} but the config asks for "
+                f"{asked.get('class_path')}: drop --model (resume the checkpoint as it is) or "
+                "start a new run without --ckpt_path."
+            )
+        module_name, _, name = used["class_path"].rpartition(".")
+        structural = getattr(import_class(f"{module_name}:{name}"), "structural_hparams", None)
+        given, saved = _init_args(asked), _init_args(used)
+        differing = {
+            name: (given[name], saved.get(name))
+            for name in given
+            if given[name] is not None and given[name] != saved.get(name)
+        }
+        blocking = {
+            name: values
+            for name, values in differing.items()
+            if structural is None or name in structural
+        }
+        if blocking:
+            self.parser.error(
+                f"--ckpt_path holds an SAE that differs from the config's: {blocking} (config, "
+                "checkpoint). Resume with the checkpoint's settings, or start a new run without "
+                "--ckpt_path."
+            )
+        if differing:
+            warnings.warn(
+                f"Resuming with the checkpoint's {differing} (config, checkpoint): the "
+                "checkpoint's values are used.",
+                stacklevel=2,
+            )
+
     def instantiate_classes(self) -> None:
         """Build the DataModule, module and Trainer; report invalid values as a usage error."""
         try:
             super().instantiate_classes()
         except ValueError as error:
             self.parser.error(f"{type(error).__name__}: {error}")
+
+
+def _init_args(model_config: Any) -> dict[str, Any]:
+    """Return the model's ``init_args`` and ``dict_kwargs`` as one dict, links excluded."""
+    args: dict[str, Any] = {}
+    for key in ("init_args", "dict_kwargs"):
+        value = model_config.get(key)
+        if value is not None:
+            args |= value.as_dict() if isinstance(value, Namespace) else dict(value)
+    args.pop("d_in", None)  # linked from the DataModule
+    return args
 
 
 def _d_in(datamodule: ActivationDataModule) -> int | dict[str, int]:

@@ -43,3 +43,21 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     }
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+def _user_subclasses() -> dict[str, type]:
+    """A user's own subclass of every registered module class (``class MyTopKSAE(TopKSAE)``).
+
+    Defined at module level so that checkpoints can name them (``helpers:MyTopKSAE``).
+    """
+    from lightning_sae import available_architectures, get_module_class
+
+    subclasses = {}
+    for name in available_architectures():
+        parent = get_module_class(name)
+        subclasses[name] = type(f"My{parent.__name__}", (parent,), {"__module__": __name__})
+    return subclasses
+
+
+USER_SUBCLASSES = _user_subclasses()
+globals().update({cls.__name__: cls for cls in USER_SUBCLASSES.values()})

@@ -22,7 +22,8 @@ from sae_lens import SAE
 from lightning_sae.cli import main
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
-CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
+#: One example per architecture (examples/<architecture>.yaml), besides multi_hook.yaml.
+CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if p.stem != "multi_hook")
 #: The inference architecture each example's export loads as in plain sae-lens.
 EXPORTED_AS = {
     "standard": "standard",
@@ -63,6 +64,7 @@ def _offline_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_every_architecture_has_an_example():
     assert {path.stem for path in CONFIGS} == set(EXPORTED_AS)
+    assert {path.stem for path in EXAMPLES.glob("*.yaml")} == {*EXPORTED_AS, "multi_hook"}
 
 
 def test_console_script_points_at_main():
@@ -93,7 +95,7 @@ def test_example_trains_and_exports(config: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_short_model_name_and_resume_from_checkpoint(tmp_path: Path):
+def test_short_model_name_and_resume_from_checkpoint(tmp_path: Path, capsys):
     args = ["fit", "--config", str(EXAMPLES / "topk.yaml"), "--model", "BatchTopKSAE"]
     main([*args, "--model.init_args.k=8", *small_run(tmp_path)])
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -101,7 +103,17 @@ def test_short_model_name_and_resume_from_checkpoint(tmp_path: Path):
     assert state["hyper_parameters"]["architecture"] == "batchtopk"
     assert state["hyper_parameters"]["k"] == 8
 
-    main([*args, *small_run(tmp_path, steps=3), f"--ckpt_path={checkpoint}"])
+    # The checkpoint must agree with what the command asks for: another class or k is refused.
+    for contradiction in (["--model", "TopKSAE"], ["--model.init_args.k=16"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, *contradiction, *small_run(tmp_path, 3), f"--ckpt_path={checkpoint}"])
+        assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--ckpt_path holds a lightning_sae.BatchTopKSAE" in error
+    assert "'k': (16.0, 8.0)" in error and "Traceback" not in error
+
+    same_k = [*args, "--model.init_args.k=8", *small_run(tmp_path, steps=3)]
+    main([*same_k, f"--ckpt_path={checkpoint}"])
     resumed = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
     assert torch.load(resumed, map_location="cpu", weights_only=True)["global_step"] == 3
     cfg = json.loads((tmp_path / "sae_lens" / "latest" / "cfg.json").read_text())
@@ -157,3 +169,31 @@ def test_fit_export_load_example(tmp_path, capsys):
     max_difference = float(printed.rsplit(": ", 1)[1])
     assert max_difference < 1e-4
     assert (tmp_path / "sae_lens" / "step-000001").is_dir()  # the mid-run export
+
+
+@pytest.mark.slow
+def test_validate_and_test_report_held_out_metrics(tmp_path: Path, capsys):
+    for subcommand in ("validate", "test"):
+        main([subcommand, "--config", str(EXAMPLES / "batchtopk.yaml"), *small_run(tmp_path)[:1],
+              "--data.init_args.hook_names=model.layers.0", "--data.init_args.context_size=64",
+              "--data.init_args.val_tokens=512", "--model.init_args.d_sae=64"])  # fmt: skip
+    printed = capsys.readouterr().out
+    for name in ("val/l0", "val/explained_variance", "test/l0", "test/nmse"):
+        assert name in printed
+    assert "32.0" in printed  # BatchTopK's L0 on the held-out tokens is k
+
+
+@pytest.mark.slow
+def test_multi_hook_example_trains_two_hooks_from_one_pass_and_exports_both(tmp_path: Path):
+    hooks = ["model.layers.0", "model.layers.1"]
+    run = [arg for arg in small_run(tmp_path) if "hook_names" not in arg and "lr_" not in arg]
+    main(["fit", "--config", str(EXAMPLES / "multi_hook.yaml"), *run,
+          f"--data.init_args.hook_names=[{', '.join(hooks)}]",
+          "--model.init_args.sae_options={k: 4, lr: 0.001, seed: 0}"])  # fmt: skip
+    step = (tmp_path / "sae_lens" / "latest").resolve()
+    assert step.name == "step-000002"
+    for hook in hooks:
+        sae = SAE.load_from_disk(str(step / hook))
+        assert sae.cfg.metadata.hook_name == hook and sae.cfg.architecture() == "jumprelu"
+        assert (sae.cfg.d_in, sae.cfg.d_sae) == (576, 64)
+        assert (step / hook / "sparsity.safetensors").is_file()

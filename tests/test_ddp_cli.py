@@ -141,6 +141,7 @@ def test_atm_importance_emas_identical_and_masking_on_both_ranks(two_ranks: Path
         assert states[0][name].abs().sum() > 0, name
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_exactly(two_ranks: Path):
     """Weights, activation scale, dead-latent counters and the density window equal the
     uninterrupted run's (the open window is checkpointed, so the exported density is too)."""

@@ -116,6 +116,9 @@ class SAEModule(_ArchitectureDispatch):
     full_precision_tensors: ClassVar[tuple[str, ...]] = ("threshold", "topk_threshold")
     #: SAE buffers the training pass updates from the rank's own batch, averaged over ranks.
     rank_averaged_state: ClassVar[tuple[str, ...]] = ()
+    #: Hyper-parameters that define the SAE itself (its shapes and inference function): a
+    #: checkpoint resumes only into a module that agrees on them.
+    structural_hparams: ClassVar[tuple[str, ...]] = ("d_in", "d_sae", "apply_b_dec_to_input")
 
     unit: SAEUnit
 
@@ -341,29 +344,44 @@ class SAEModule(_ArchitectureDispatch):
         checkpoint["sae_metadata"] = self.sae.cfg.metadata.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the metadata; keep the checkpoint's activation scale (never re-estimate)."""
+        """Restore the metadata; keep the checkpoint's activation scale (never re-estimate).
+
+        Raises:
+            ValueError: If the checkpoint was written by another architecture or with other
+                architecture settings (``fit(..., ckpt_path=...)`` would otherwise train the
+                checkpoint's SAE in place of the one asked for).
+
+        """
+        check_checkpoint_matches(self, checkpoint)
         self.unit.mark_restored()
         if "sae_metadata" in checkpoint:
             self.sae.cfg.metadata = SAEMetadata(**checkpoint["sae_metadata"])
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """Load a checkpoint into the class that saved it (when called on ``SAEModule``).
+        """Load a checkpoint into the class that saved it.
 
-        On a concrete class it behaves as Lightning's own. Lightning checkpoints are pickles:
-        load only files you trust.
+        Called on ``SAEModule`` or on a parent of the saving class, it returns the saving class;
+        on an unrelated class it raises ``TypeError``. Lightning checkpoints are pickles: load only
+        files you trust.
         """
+        checkpoint = load_checkpoint_file(
+            checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only")
+        )
+        saved = checkpoint.get(CLASS_PATH_KEY)
         target: type[SAEModule] = cls
-        if not cls.architecture:
-            checkpoint = load_checkpoint_file(
-                checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only")
-            )
-            saved = checkpoint.get(CLASS_PATH_KEY)
-            if saved is not None:
-                saved_cls = import_class(saved)
-                if not issubclass(saved_cls, SAEModule):
-                    raise TypeError(f"{checkpoint_path} records {saved}, which is no SAEModule.")
-                target = saved_cls
+        if saved is not None:
+            saved_cls = import_class(saved)
+            if not issubclass(saved_cls, SAEModule):
+                raise TypeError(f"{checkpoint_path} records {saved}, which is no SAEModule.")
+            if issubclass(saved_cls, cls):
+                target = saved_cls  # the most specific class: the one that wrote it
+            else:
+                raise TypeError(
+                    f"{checkpoint_path} was saved by {saved_cls.__name__}; it cannot be loaded "
+                    f"as {cls.__name__}. Use {saved_cls.__name__}.load_from_checkpoint or "
+                    "SAEModule.load_from_checkpoint."
+                )
         # Lightning's own implementation, bound to the target class.
         load = LightningModule.load_from_checkpoint.__func__  # type: ignore[attr-defined]
         return load(target, checkpoint_path, *args, **kwargs)
@@ -375,6 +393,34 @@ class SAEModule(_ArchitectureDispatch):
 
 def _key(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "")
+
+
+def check_checkpoint_matches(module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``checkpoint`` was saved by ``module``'s class and settings.
+
+    Compared: the class, and the hyper-parameters that define the SAE
+    (:attr:`SAEModule.structural_hparams`: sizes, ``k``, ...). Optimiser settings may change.
+    """
+    saved_path = checkpoint.get(CLASS_PATH_KEY)
+    if saved_path is not None and saved_path != class_path(type(module)):
+        raise ValueError(
+            f"The checkpoint was saved by {saved_path.rpartition(':')[2]}, not "
+            f"{type(module).__name__}: resume it with the class that wrote it (on the command "
+            "line, drop --model or pass the same one), or start a new run without ckpt_path."
+        )
+    if not isinstance(module, SAEModule):
+        return
+    saved = checkpoint.get("hyper_parameters", {})
+    changed = {
+        name: (saved[name], module.hparams[name])
+        for name in module.structural_hparams
+        if name in saved and name in module.hparams and saved[name] != module.hparams[name]
+    }
+    if changed:
+        raise ValueError(
+            f"The checkpoint's SAE differs from the one asked for: {changed} (saved, asked). "
+            "Resume with the checkpoint's settings, or start a new run without ckpt_path."
+        )
 
 
 def _max_steps(module: LightningModule) -> int | None:

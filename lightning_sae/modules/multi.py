@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_sae.modules.base import (
     CLASS_PATH_KEY,
     SAEModule,
+    check_checkpoint_matches,
     log_density_histogram,
     log_step_result,
 )
@@ -68,6 +69,9 @@ class MultiSAEModule(LightningModule):
         **sae_kwargs: Any,
     ) -> None:
         super().__init__()
+        # Hooks taken from d_in's keys are not saved twice (and never clash with the DataModule's
+        # hook_names when Lightning merges the two's hyper-parameters).
+        self.save_hyperparameters(ignore=[] if hook_names is not None else ["hook_names"])
         if hook_names is None:
             if not isinstance(d_in, Mapping):
                 raise ValueError("Pass hook_names, or d_in as {hook_name: width}.")
@@ -84,7 +88,6 @@ class MultiSAEModule(LightningModule):
         missing = [hook for hook in hook_names if hook not in d_in_of]
         if missing:
             raise ValueError(f"d_in gives no width for hooks {missing}.")
-        self.save_hyperparameters()
         module_cls = get_module_class(architecture)
         options = dict(sae_options or {}) | sae_kwargs
         defaults = module_cls.default_hparams()
@@ -206,6 +209,7 @@ class MultiSAEModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore every SAE's metadata and keep its checkpointed activation scale."""
+        check_checkpoint_matches(self, checkpoint)
         metadata = checkpoint.get("sae_metadata", {})
         for hook, unit in self._units():
             unit.mark_restored()

@@ -38,6 +38,7 @@ class TopKSAE(SAEModule):
     }
     #: Whether ``k`` must be a whole number (per-token top-k) or may be fractional (batch top-k).
     integer_k: ClassVar[bool] = True
+    structural_hparams = (*SAEModule.structural_hparams, "k", "rescale_acts_by_decoder_norm")
 
     def __init__(
         self,
@@ -141,6 +142,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     """
 
     architecture = "matryoshka_batchtopk"
+    structural_hparams = (*BatchTopKSAE.structural_hparams, "matryoshka_widths")
     sae_config_fields: ClassVar[dict[str, str]] = {
         **BatchTopKSAE.sae_config_fields,
         "matryoshka_widths": "matryoshka_widths",
