@@ -2,13 +2,12 @@
 
 Every metric keeps sufficient statistics (sums and counts, float64 where precision matters) and
 reduces them with ``sum`` across ranks, so a 2-process run gives the value one process gets on the
-union of the data. Formulas follow ``shared/ALGORITHMS.md``:
+union of the data:
 
 * :class:`L0` — mean number of non-zero latents per token.
 * :class:`ExplainedVariance` — ``1 - Σ‖x − x̂‖² / Σ‖x − x̄‖²`` over the whole evaluated set.
 * :class:`NormalizedMSE` — ``Σ‖x − x̂‖² / Σ‖x‖²``.
 * :class:`FeatureDensity` — per-latent firing frequency ``#{t : f_i > 0} / N``.
-* :class:`DeadLatentRate` — fraction of latents that never fired in the accumulated window.
 
 >>> import torch
 >>> l0 = L0()
@@ -156,8 +155,9 @@ class NormalizedMSE(_ReconstructionMetric):
 class FeatureDensity(Metric):
     """Per-latent firing frequency ``p_i = #{t : f_i > 0} / N`` over the accumulated window.
 
-    The caller decides the window by calling :meth:`reset`; :class:`~lightning_sae.SAEModule`
-    resets it every ``dead_window_tokens`` tokens (counted over all ranks).
+    The caller decides the window by calling :meth:`reset`; an SAE's training statistics reset it
+    every ``dead_window_tokens`` tokens (counted over all ranks). A latent is dead when its
+    density over that window is 0.
     """
 
     full_state_update = False
@@ -190,16 +190,6 @@ class FeatureDensity(Metric):
     def compute(self) -> Tensor:
         """Return the firing frequency of each latent, shape ``[d_sae]``."""
         return self.counts / self.tokens
-
-
-class DeadLatentRate(FeatureDensity):
-    """Fraction of latents that did not fire on any token of the window (on any rank)."""
-
-    higher_is_better = False
-
-    def compute(self) -> Tensor:
-        """Return the fraction of latents with zero firings in the window."""
-        return (self.counts == 0).to(_F64).mean()
 
 
 def log10_feature_density(density: Tensor, eps: float = 1e-10) -> Tensor:

@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 
 from lightning_sae.metrics import (
     L0,
-    DeadLatentRate,
     ExplainedVariance,
     FeatureDensity,
     NormalizedMSE,
@@ -37,7 +36,8 @@ def metrics(**kwargs) -> dict:
         "explained_variance": ExplainedVariance(D_IN, **kwargs),
         "nmse": NormalizedMSE(D_IN, **kwargs),
         "density_sum": FeatureDensity(D_SAE, **kwargs),
-        "dead_rate": DeadLatentRate(D_SAE, **kwargs),
+        # Dead = density 0 over the window: a latent that fired on any rank is alive.
+        "dead_fraction": FeatureDensity(D_SAE, **kwargs),
     }
 
 
@@ -51,6 +51,8 @@ def update(all_metrics: dict, x, x_hat, acts) -> None:
 
 def value(name: str, metric) -> float:
     result = metric.compute()
+    if name == "dead_fraction":
+        return float((result == 0).double().mean())
     return float(result.sum()) if name == "density_sum" else float(result)
 
 
