@@ -7,12 +7,9 @@ fires in one endless streaming epoch.
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
-
-if TYPE_CHECKING:
-    from lightning_sae.modules.unit import SAEUnit
 
 LRSchedulerName = Literal["constant", "cosine"]
 
@@ -104,13 +101,15 @@ class _RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         super().load_state_dict(state_dict)
 
 
-def adam_with_schedules(units: "Sequence[SAEUnit]", max_steps: int | None) -> dict[str, Any]:
-    """One Adam over the units' parameter groups, each with its own per-step LR schedule.
+def adam_with_schedules(
+    param_groups: Sequence[dict[str, Any]], schedules: Sequence[LRSchedule]
+) -> dict[str, Any]:
+    """One Adam over the parameter groups (one per SAE), each with its own per-step schedule.
 
     Returns Lightning's ``configure_optimizers`` dictionary.
     """
-    optimizer = torch.optim.Adam([unit.param_group() for unit in units])
-    scheduler = _RunLambdaLR(optimizer, [unit.lr_schedule(max_steps) for unit in units])
+    optimizer = torch.optim.Adam(list(param_groups))
+    scheduler = _RunLambdaLR(optimizer, list(schedules))
     return {
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},

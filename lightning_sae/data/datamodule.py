@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from sae_lens.util import str_to_dtype
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
@@ -384,10 +386,14 @@ class ActivationDataModule(LightningDataModule):
         held_out = self._holdout_activations(self.val_tokens)
         n = next(iter(held_out.values())).shape[0]
         if n == 0:
-            raise ValueError(
+            message = (
                 "There are no held-out activations to validate on: raise holdout_documents (or "
                 "write the cache with holdout_tokens > 0)."
             )
+            fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+            if not fitting:
+                raise ValueError(message)
+            rank_zero_warn(f"{message} Validation during fit is skipped.")
         for start in range(0, n, self.batch_size):
             yield self._unwrap({h: a[start : start + self.batch_size] for h, a in held_out.items()})
 

@@ -335,7 +335,8 @@ class SAEModule(_ArchitectureDispatch):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam with a per-step warm-up / constant-or-cosine / linear-decay schedule."""
-        return adam_with_schedules([self.unit], _max_steps(self))
+        unit = self.unit
+        return adam_with_schedules([unit.param_group()], [unit.lr_schedule(_max_steps(self))])
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

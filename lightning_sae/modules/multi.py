@@ -182,7 +182,10 @@ class MultiSAEModule(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """One Adam with a parameter group and learning-rate schedule per SAE."""
         max_steps = self.trainer.max_steps if self._trainer is not None else None
-        return adam_with_schedules([unit for _, unit in self._units()], max_steps)
+        units = [unit for _, unit in self._units()]
+        return adam_with_schedules(
+            [unit.param_group() for unit in units], [unit.lr_schedule(max_steps) for unit in units]
+        )
 
     def configure_gradient_clipping(
         self,
