@@ -6,6 +6,8 @@
 - ``standard.py``, ``gated.py``, ``jumprelu.py``, ``topk.py`` (TopK, BatchTopK, Matryoshka),
   ``atm.py``: each architecture's hyper-parameters, rules and sae-lens config mapping.
 - ``multi.py``: :class:`MultiSAEModule`, one unit per hook from one stream.
+- ``checkpoints.py`` (the class a checkpoint records, the checks on load), ``log.py``,
+  ``validation.py`` (rules shared by architectures).
 """
 
 from lightning_sae.modules.atm import ATMSAE

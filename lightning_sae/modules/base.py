@@ -15,15 +15,19 @@ from typing import Any, ClassVar
 import torch
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE, TrainingSAEConfig
 from torch import Tensor
 
-from lightning_sae.metrics import log10_feature_density
+from lightning_sae.modules.checkpoints import (
+    CLASS_PATH_KEY,
+    check_checkpoint_matches,
+    upgrade_state_dict,
+)
+from lightning_sae.modules.log import log_density_histogram, log_step_result
 from lightning_sae.modules.normalizer import ActivationNormalizer
 from lightning_sae.modules.statistics import TrainingStatistics, evaluation_metrics
-from lightning_sae.modules.unit import OptimizerSettings, SAEUnit, StepResult
+from lightning_sae.modules.unit import OptimizerSettings, SAEUnit
 from lightning_sae.optim import adam_with_schedules
 from lightning_sae.registry import (
     available_architectures,
@@ -31,9 +35,6 @@ from lightning_sae.registry import (
     get_module_class,
     import_class,
 )
-
-#: Key under which a checkpoint records the module class that wrote it.
-CLASS_PATH_KEY = "lightning_sae_class"
 
 
 class _ArchitectureDispatch(LightningModule):
@@ -396,88 +397,5 @@ def _key(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "")
 
 
-def check_checkpoint_matches(module: LightningModule, checkpoint: dict[str, Any]) -> None:
-    """Raise ``ValueError`` unless ``checkpoint`` was saved by ``module``'s class and settings.
-
-    Compared: the class, and the hyper-parameters that define the SAE
-    (:attr:`SAEModule.structural_hparams`: sizes, ``k``, ...). Optimiser settings may change.
-    """
-    saved_path = checkpoint.get(CLASS_PATH_KEY)
-    if saved_path is not None and saved_path != class_path(type(module)):
-        raise ValueError(
-            f"The checkpoint was saved by {saved_path.rpartition(':')[2]}, not "
-            f"{type(module).__name__}: resume it with the class that wrote it (on the command "
-            "line, drop --model or pass the same one), or start a new run without ckpt_path."
-        )
-    if not isinstance(module, SAEModule):
-        return
-    saved = checkpoint.get("hyper_parameters", {})
-    changed = {
-        name: (saved[name], module.hparams[name])
-        for name in module.structural_hparams
-        if name in saved and name in module.hparams and saved[name] != module.hparams[name]
-    }
-    if changed:
-        raise ValueError(
-            f"The checkpoint's SAE differs from the one asked for: {changed} (saved, asked). "
-            "Resume with the checkpoint's settings, or start a new run without ckpt_path."
-        )
-
-
 def _max_steps(module: LightningModule) -> int | None:
     return module.trainer.max_steps if module._trainer is not None else None
-
-
-def log_step_result(module: LightningModule, result: StepResult, prefix: str = "") -> None:
-    """Log a unit's step through ``module`` (names prefixed by ``prefix``, e.g. a hook name)."""
-    module.log_dict({f"{prefix}{name}": value for name, value in result.losses.items()})
-    if result.metrics:
-        module.log_dict({f"{prefix}{name}": value for name, value in result.metrics.items()})
-        short = {
-            "train/l0": "l0",
-            "train/explained_variance": "ev",
-            "train/tokens_per_sec": "tok/s",
-        }
-        bar = {
-            f"{prefix}{short[name]}": value
-            for name, value in result.metrics.items()
-            if name in short
-        }
-        module.log_dict(bar, prog_bar=True, logger=False)
-    if result.density is not None:
-        log_density_histogram(module, f"{prefix}train/feature_density_log10", result.density)
-
-
-def log_density_histogram(module: LightningModule, name: str, density: Tensor) -> None:
-    """Send the log10 feature density to every TensorBoard logger of ``module``."""
-    if module._trainer is None:
-        return
-    for logger in module.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_histogram(
-                name, log10_feature_density(density), module.global_step
-            )
-
-
-#: State-dict names of lightning-sae 0.1, before the SAE moved into its unit.
-_RENAMED_STATE = {
-    "sae.": "unit.sae.",
-    "activation_scale": "unit.normalizer.scale",
-    "tokens_since_fired": "unit.statistics.tokens_since_fired",
-    "feature_density": "unit.statistics.feature_density",
-}
-
-
-def upgrade_state_dict(state_dict: dict[str, Any], prefix: str, module: torch.nn.Module) -> None:
-    """Rename a lightning-sae 0.1 state dict in place and fill the state it did not have yet."""
-    renamed = False
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        name = key[len(prefix) :]
-        for old, new in _RENAMED_STATE.items():
-            if name == old or (old.endswith(".") and name.startswith(old)):
-                state_dict[prefix + new + name[len(old) :]] = state_dict.pop(key)
-                renamed = True
-                break
-    if renamed:
-        for name, value in module.state_dict().items():
-            state_dict.setdefault(prefix + name, value)

@@ -21,13 +21,9 @@ from lightning.pytorch import LightningModule
 from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor, nn
 
-from lightning_sae.modules.base import (
-    CLASS_PATH_KEY,
-    SAEModule,
-    check_checkpoint_matches,
-    log_density_histogram,
-    log_step_result,
-)
+from lightning_sae.modules.base import SAEModule
+from lightning_sae.modules.checkpoints import CLASS_PATH_KEY, check_checkpoint_matches
+from lightning_sae.modules.log import log_density_histogram, log_step_result
 from lightning_sae.modules.statistics import evaluation_metrics
 from lightning_sae.modules.unit import SAEUnit
 from lightning_sae.optim import adam_with_schedules
