@@ -148,6 +148,14 @@ class SaeLensCache:
         self._saved: dict[str, Any] | None = None
         self._stream: _CacheStream | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the mapped arrays (``ddp_spawn``): they are mapped again on load."""
+        return {**self.__dict__, "_parts": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._parts = self._map_arrow_files(self.manifest["has_token_ids"])
+
     def _map_arrow_files(self, with_token_ids: bool) -> list[dict[str, np.ndarray]]:
         """Memory-map every record batch as ``{hook: [rows, context, d_in]}`` numpy views."""
         state = json.loads((self.path / "state.json").read_text())

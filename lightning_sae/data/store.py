@@ -603,7 +603,7 @@ class ActivationStore:
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._litdata = _litdata()
+        _litdata()
         self.location = _Location(path_or_url, storage_options)
         self.cache_dir = None if cache_dir is None else str(cache_dir)
         manifest = _load_json(self.location, MANIFEST)
@@ -669,7 +669,7 @@ class ActivationStore:
             "shuffle": shuffle,
         }
         now = {"layout": self._layout, "n_tokens": self.n_tokens}
-        if self._saved is not None and self._saved != now:
+        if self._saved is not None and self._saved["layout"] is not None and self._saved != now:
             warnings.warn(
                 f"Resuming the activation store with another layout: {self._saved} (saved) vs "
                 f"{now} (now). Training continues after the same number of tokens, but not in "
@@ -680,7 +680,8 @@ class ActivationStore:
         return self._stream
 
     def _loader(self, items: int, seed: int, shuffle: bool, num_workers: int) -> Any:
-        dataset = self._litdata.StreamingDataset(
+        litdata = _litdata()
+        dataset = litdata.StreamingDataset(
             self.location.url,
             cache_dir=self.cache_dir,
             shuffle=shuffle,
@@ -688,7 +689,7 @@ class ActivationStore:
             seed=seed,
             storage_options=self.location.storage_options,
         )
-        return self._litdata.StreamingDataLoader(dataset, batch_size=items, num_workers=num_workers)
+        return litdata.StreamingDataLoader(dataset, batch_size=items, num_workers=num_workers)
 
     def _unpack(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Turn a loader batch into ``{hook: [items * block_tokens, d_in]}`` (stored dtype)."""

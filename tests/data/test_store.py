@@ -7,6 +7,7 @@ says which tokens it holds: coverage and order are checked by exact equality, no
 
 import json
 import logging
+import pickle
 import runpy
 import subprocess
 import sys
@@ -351,7 +352,6 @@ def sae_lens_cache(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
 def test_sae_lens_cache_trains_through_the_same_interface(sae_lens_cache):
     from datasets import load_from_disk
 
@@ -381,7 +381,7 @@ def test_sae_lens_cache_trains_through_the_same_interface(sae_lens_cache):
     ]
     assert _same_rows(torch.cat(shards), train)
     state = cache.state_dict(batches_consumed=13)
-    again = SaeLensCache(sae_lens_cache, holdout_tokens=64)
+    again = pickle.loads(pickle.dumps(SaeLensCache(sae_lens_cache, holdout_tokens=64)))
     again.load_state_dict(state)
     resumed = list(islice(iter(again.train_dataloader(batch_size=48, seed=1)), 27))
     assert all(
