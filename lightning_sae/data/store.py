@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from sae_lens.util import str_to_dtype
 from safetensors.torch import load_file, save_file
@@ -260,6 +261,8 @@ def write_store(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if dtype is not None and not str_to_dtype(dtype).is_floating_point:
+        raise ValueError(f"dtype must be a float type (float32, bfloat16...), not {dtype}.")
     request = {
         "dtype": None if dtype is None else str(str_to_dtype(dtype)).removeprefix("torch."),
         "block_tokens": block_tokens,
@@ -269,24 +272,20 @@ def write_store(
         "append": append,
         "metadata": _jsonable(metadata),
     }
-    progress = _load_json(location, PROGRESS)
+    progress = _load_json(location, PROGRESS) if resume else None
     if progress is not None and progress["request"] != request:
-        if resume:
-            raise ValueError(
-                f"{location} holds an interrupted write of another source or with other settings "
-                f"({progress['request']}): pass the same arguments to resume it, or "
-                "resume=False to discard it."
-            )
-        progress = None
-    if progress is not None and not resume:
-        progress = None
+        raise ValueError(
+            f"{location} holds an interrupted write of another source or with other settings "
+            f"({progress['request']}): pass the same arguments to resume it, or resume=False "
+            "to discard it."
+        )
     source = chunks(progress["input_tokens"] if progress else 0) if callable(chunks) else chunks
     stream = iter(source)
     if progress is None:
         first = next(stream, None)
         if first is None:
             raise ValueError("No activations to store: the chunks are empty.")
-        progress = _start_write(location, first, holdout, request, resume)
+        progress = _start_write(location, first, holdout, request)
         stream = _chain(first, stream)
     elif not callable(chunks):
         stream = _skip_tokens(stream, progress["input_tokens"])
@@ -361,7 +360,6 @@ def _start_write(
     first: dict[str, Tensor],
     holdout: dict[str, Tensor] | None,
     request: dict[str, Any],
-    resume: bool,
 ) -> dict[str, Any]:
     """Check the target, write the hold-out part, and record the write's settings."""
     hooks, d_in, token_ids, input_dtype = _layout(first)
@@ -389,8 +387,7 @@ def _start_write(
         _check_append(location, manifest, request["metadata"], settings)
         index = _load_json(location, INDEX)
         assert index is not None
-        base = {"chunks": index["chunks"], "n_tokens": manifest["n_tokens"]}
-        base["holdout"] = manifest["holdout"]
+        base = {k: manifest[k] for k in ("n_tokens", "holdout")} | {"chunks": index["chunks"]}
     elif manifest is not None:
         raise FileExistsError(
             f"{location} already holds an activation store: pass append=True to add to it, or "
@@ -494,8 +491,7 @@ def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 def _mixed_items(buffer: dict[str, Tensor], settings: dict, key: int, seed: int) -> list[dict]:
     """Permute a buffer's tokens and cut them into items of ``block_tokens`` (tail dropped)."""
     n = next(iter(buffer.values())).shape[0]
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + key)
-    order = torch.randperm(n, generator=generator)
+    order = torch.from_numpy(np.random.default_rng([seed, key]).permutation(n))
     block = settings["block_tokens"]
     mixed = {}
     for k, v in buffer.items():
@@ -620,6 +616,12 @@ class ActivationStore:
                 "write resumes when write_store is called again with the same arguments)."
             )
         _check_manifest(manifest, self.location)
+        if self.location.exists(PROGRESS):
+            warnings.warn(
+                f"An append to {self.location} was interrupted before it finished: call "
+                "write_store again with the same arguments to finish it.",
+                stacklevel=2,
+            )
         self.manifest: dict[str, Any] = manifest
         self.hook_names: list[str] = list(hook_names or manifest["hook_names"])
         missing = [h for h in self.hook_names if h not in manifest["hook_names"]]

@@ -149,6 +149,12 @@ def test_append_adds_chunks_and_refuses_mismatches(store_path, tmp_path):
         write_store(
             store_path, source(320), None, {**METADATA, "model_name": "other"}, append=True, **SMALL
         )
+    with pytest.raises(KeyboardInterrupt):  # an append stopped mid-way leaves the store readable
+        write_store(
+            store_path, _stopping(source(320, first=960), 2), None, METADATA, append=True, **SMALL
+        )
+    with pytest.warns(UserWarning, match="append .* was interrupted"):
+        assert ActivationStore(store_path).n_tokens == 960
     write_store(store_path, source(320, first=960), None, METADATA, append=True, **SMALL)
     store = ActivationStore(store_path)
     assert store.n_tokens == 1280 and len(litdata.StreamingDataset(str(store_path))) == 80
@@ -159,6 +165,28 @@ def test_append_adds_chunks_and_refuses_mismatches(store_path, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
         write_store(tmp_path / "other", source(320), None, METADATA)
+
+
+def _stopping(chunks, at: int):
+    """The chunks, interrupted (as by Ctrl-C) when chunk ``at`` is asked for."""
+    for index, chunk in enumerate(chunks):
+        if index == at:
+            raise KeyboardInterrupt
+        yield chunk
+
+
+def test_an_interrupted_write_resumes_only_with_the_same_arguments(tmp_path):
+    path = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        write_store(path, _stopping(source(960), 5), None, METADATA, **SMALL)
+    with pytest.raises(ValueError, match="interrupted write of another source or with other"):
+        write_store(path, source(960), None, METADATA, seed=1, **SMALL)
+    write_store(path, source(960), None, METADATA, seed=1, resume=False, **SMALL)
+    store = ActivationStore(path)
+    batches = islice(iter(store.train_dataloader(batch_size=40, seed=0)), 24)
+    ids = torch.cat([b[HOOKS[0]] for b in batches])[:, 0].long()
+    assert torch.equal(ids.sort().values, torch.arange(960))
+    assert not (path / PROGRESS).exists() and len(list(path.glob("chunk-*.bin"))) == 12
 
 
 def test_bad_inputs_are_clear_errors(store_path, tmp_path):
@@ -246,15 +274,15 @@ def test_object_store_on_a_loopback_server(s3, store_path, tmp_path):
     url = "s3://acts/run1/store"
     holdout = {k: v for k, v in source(64, first=10_000)[0].items() if k != "token_ids"}
 
-    def crashing(start):
-        assert start == 0
-        for index, chunk in enumerate(source(960)):
-            if index == 5:
-                raise KeyboardInterrupt  # interrupted after the first 320-token buffer
-            yield chunk
-
-    with pytest.raises(KeyboardInterrupt):
-        write_store(url, crashing, holdout, METADATA, storage_options=s3, **SMALL)
+    with pytest.raises(KeyboardInterrupt):  # stopped after the first 320-token buffer
+        write_store(
+            url,
+            lambda start: _stopping(source(960), 5),
+            holdout,
+            METADATA,
+            storage_options=s3,
+            **SMALL,
+        )
     starts: list[int] = []
 
     def resumed(start):
