@@ -20,6 +20,7 @@ global cols, and for batch top-k the per-row ``floors`` stacked ``[ranks, B]``) 
 and merged with :func:`merge_row_topk` or :func:`select_batch_topk` unchanged.
 """
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -372,6 +373,8 @@ def runs_sae_lens_pass(sae: torch.nn.Module) -> bool:
 def sparse_csr(entries: Entries, values: Tensor, n_cols: int) -> Tensor:
     """Return a ``[B, n_cols]`` CSR tensor of ``values`` at ``entries`` (explicit zeros kept)."""
     batch = entries.crow.shape[0] - 1
-    return torch.sparse_csr_tensor(
-        entries.crow, entries.cols, values, (batch, n_cols), check_invariants=False
-    )
+    with warnings.catch_warnings():  # torch warns once per process that CSR is "beta"
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            entries.crow, entries.cols, values, (batch, n_cols), check_invariants=False
+        )
