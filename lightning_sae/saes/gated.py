@@ -23,11 +23,11 @@ from typing_extensions import override
 
 from lightning_sae.saes.kernels import (
     DenseEncoder,
+    SampledEncoder,
     SparseDecode,
     entry_layout,
     positive_entries,
     runs_sae_lens_pass,
-    sampled_encoder,
     sparse_csr,
 )
 from lightning_sae.saes.standard import active_fraction
@@ -73,8 +73,8 @@ class FastGatedTrainingSAE(GatedTrainingSAE):
                     cfg.d_sae,
                 )
                 hidden_pre = torch.addcmul(self.b_mag, product, scale)
-            pre = sampled_encoder(
-                gate.detach(), x_centered, self.W_enc, self.b_gate, b_dec, None, layout
+            pre = SampledEncoder.apply(
+                entries.values.repeat(2), x_centered, self.W_enc, self.b_gate, b_dec, None, layout
             )
             n = cols.shape[0]
             gate_acts = pre[:n]

@@ -44,10 +44,15 @@ class Candidates(NamedTuple):
 
 
 class Entries(NamedTuple):
-    """Sparse entries sorted by row, then column, with the CSR row pointer ``crow`` ``[B + 1]``."""
+    """Sparse entries, sorted by row, then column.
+
+    ``rows``, ``cols``, their ``values`` in the matrix they were selected from, and the CSR row
+    pointer ``crow`` ``[B + 1]``.
+    """
 
     rows: Tensor
     cols: Tensor
+    values: Tensor
     crow: Tensor
 
 
@@ -56,11 +61,11 @@ def row_offsets(sorted_ids: Tensor, n: int) -> Tensor:
     return torch.searchsorted(sorted_ids, torch.arange(n + 1, device=sorted_ids.device))
 
 
-def sort_entries(rows: Tensor, cols: Tensor, n_rows: int, n_cols: int) -> tuple[Entries, Tensor]:
-    """Sort entries by ``(row, col)``; return them with their CSR pointer and the permutation."""
+def sort_entries(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Entries:
+    """Sort entries by ``(row, col)`` and add their CSR row pointer."""
     order = (rows * n_cols + cols).argsort()
-    rows, cols = rows[order], cols[order]
-    return Entries(rows, cols, row_offsets(rows, n_rows)), order
+    rows = rows[order]
+    return Entries(rows, cols[order], values[order], row_offsets(rows, n_rows))
 
 
 def row_topk(scores: Tensor, k: int, column_offset: int = 0) -> tuple[Tensor, Tensor]:
@@ -145,35 +150,42 @@ def batch_topk_entries(scores: Tensor, total: int, m: int) -> Entries:
             break
         m = min(4 * m, width)
         candidates = extend_candidates(candidates, scores, saturated.nonzero().flatten(), m)
-    entries, _ = sort_entries(candidates.rows[position], candidates.cols[position], batch, width)
-    return entries
+    return sort_entries(
+        candidates.rows[position],
+        candidates.cols[position],
+        candidates.values[position],
+        batch,
+        width,
+    )
 
 
 def topk_entries(scores: Tensor, k: int) -> Entries:
     """Per-row top-``k`` entries of ``scores`` ``[B, d]``, sorted (``k`` per row)."""
     batch = scores.shape[0]
-    _, cols = row_topk(scores, k)
-    cols = cols.sort(dim=-1).values.flatten()
+    values, cols = row_topk(scores, k)
+    cols, order = cols.sort(dim=-1)
+    values = values.gather(-1, order)
     device = scores.device
     rows = torch.arange(batch, device=device).repeat_interleave(k)
-    return Entries(rows, cols, torch.arange(0, batch * k + 1, k, device=device))
+    crow = torch.arange(0, batch * k + 1, k, device=device)
+    return Entries(rows, cols.flatten(), values.flatten(), crow)
 
 
-def dead_row_topk(scores: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
+def dead_row_topk(scores: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, int]:
     """Per-row top-``min(k, n_dead)`` of ``scores`` ``[B, d]`` among the columns ``dead`` ``[d]``.
 
-    Returns ``rows``, ``cols`` and ``n_dead``. Reads the number of dead latents on the host (as
-    sae-lens does): the work then scales with the dead latents, not with ``d``.
+    Returns ``rows``, ``cols``, ``values`` and ``n_dead``. Reads the number of dead latents on the
+    host (as sae-lens does): the work then scales with the dead latents, not with ``d``.
     """
     dead_cols = dead.nonzero().flatten()
     n_dead = dead_cols.shape[0]
     if n_dead == 0:
         empty = dead_cols.new_zeros(0)
-        return empty, empty, 0
+        return empty, empty, scores.new_zeros(0), 0
     k = min(k, n_dead)
-    _, position = scores.index_select(1, dead_cols).topk(k, dim=-1, sorted=False)
+    values, position = scores.index_select(1, dead_cols).topk(k, dim=-1, sorted=False)
     rows = torch.arange(scores.shape[0], device=scores.device).repeat_interleave(k)
-    return rows, dead_cols[position.flatten()], n_dead
+    return rows, dead_cols[position.flatten()], values.flatten(), n_dead
 
 
 class EntryLayout(NamedTuple):
@@ -222,7 +234,7 @@ def _latent_sums(
 class SampledEncoder(torch.autograd.Function):
     """Pre-activations ``((x − b_dec) @ W_enc + b_enc) · scale`` at sparse entries, differentiable.
 
-    The forward values come precomputed (gathered from the dense, graph-free encoder product).
+    The forward values come precomputed (selected from the dense, graph-free encoder product).
     Backward touches the entries only: ``W_enc``'s gradient is ``CSRᵀ @ x`` (an ``embedding_bag``
     of input rows, one bag per latent), ``b_enc``'s an ``index_add_``, ``b_dec``'s
     ``−W_enc @ grad_b_enc`` (the inputs need no gradient), ``scale``'s (the decoder norm of
@@ -265,20 +277,6 @@ class SampledEncoder(torch.autograd.Function):
         if scale is not None and ctx.needs_input_grad[5]:
             grad_scale = grad.new_zeros(d_sae).index_add_(0, cols, grad * values / scale[cols])
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_scale, None
-
-
-def sampled_encoder(
-    scores: Tensor,
-    x_centered: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    b_dec: Tensor | None,
-    scale: Tensor | None,
-    layout: EntryLayout,
-) -> Tensor:
-    """Differentiable ``scores[rows, cols]`` (see :class:`SampledEncoder`)."""
-    values = scores[layout.rows, layout.cols]
-    return SampledEncoder.apply(values, x_centered, W_enc, b_enc, b_dec, scale, layout)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -354,8 +352,9 @@ class DenseEncoder(torch.autograd.Function):
 
 def positive_entries(pre: Tensor) -> Entries:
     """Entries where ``pre`` ``[B, d]`` is positive, sorted by row, then column."""
-    rows, cols = (pre > 0).nonzero().unbind(dim=1)
-    return Entries(rows, cols, row_offsets(rows, pre.shape[0]))
+    positive = pre > 0
+    rows, cols = positive.nonzero().unbind(dim=1)
+    return Entries(rows, cols, pre[positive], row_offsets(rows, pre.shape[0]))
 
 
 def runs_sae_lens_pass(sae: torch.nn.Module) -> bool:

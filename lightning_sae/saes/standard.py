@@ -24,11 +24,11 @@ from typing_extensions import override
 
 from lightning_sae.saes.kernels import (
     DenseEncoder,
+    SampledEncoder,
     SparseDecode,
     entry_layout,
     positive_entries,
     runs_sae_lens_pass,
-    sampled_encoder,
     sparse_csr,
 )
 
@@ -68,8 +68,8 @@ class FastStandardTrainingSAE(StandardTrainingSAE):
             with torch.no_grad():
                 entries = positive_entries(hidden_pre)
                 layout = entry_layout(entries.rows, entries.cols, entries.rows, batch, cfg.d_sae)
-            acts = sampled_encoder(
-                hidden_pre.detach(), x_centered, self.W_enc, self.b_enc, b_dec, None, layout
+            acts = SampledEncoder.apply(
+                entries.values, x_centered, self.W_enc, self.b_enc, b_dec, None, layout
             )
             sae_out = SparseDecode.apply(acts, self.W_dec, layout) + self.b_dec
             l1_loss = coefficient * (acts * norm[entries.cols]).sum() / batch

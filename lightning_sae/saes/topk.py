@@ -33,11 +33,11 @@ from typing_extensions import override
 
 from lightning_sae.saes.kernels import (
     Entries,
+    SampledEncoder,
     SparseDecode,
     dead_row_topk,
     entry_layout,
     runs_sae_lens_pass,
-    sampled_encoder,
     sparse_csr,
     topk_entries,
 )
@@ -51,6 +51,7 @@ class AuxEntries(NamedTuple):
 
     rows: Tensor
     cols: Tensor
+    values: Tensor
     scale: float
     level: int
 
@@ -123,7 +124,8 @@ class SparseTopKTraining:
                 d_sae,
             )
 
-        pre = sampled_encoder(scores, x_centered, self.W_enc, self.b_enc, b_dec, norm, layout)
+        values = torch.cat([entries.values, *(group.values for group in aux)])
+        pre = SampledEncoder.apply(values, x_centered, self.W_enc, self.b_enc, b_dec, norm, layout)
         n_main = entries.cols.shape[0]
         acts = pre[:n_main].relu()
         # sae-lens decodes feature_acts * (1 / ‖W_dec‖) (aux: its pre-activations, no ReLU).
@@ -160,9 +162,10 @@ class SparseTopKTraining:
         k_aux = self.cfg.d_in // 2
         groups = []
         for start, end, level in self.aux_groups():
-            rows, cols, n_dead = dead_row_topk(scores[:, start:end], dead[start:end], k_aux)
+            rows, cols, values, n_dead = dead_row_topk(scores[:, start:end], dead[start:end], k_aux)
             if n_dead:
-                groups.append(AuxEntries(rows, cols + start, min(n_dead / k_aux, 1.0), level))
+                scale = min(n_dead / k_aux, 1.0)
+                groups.append(AuxEntries(rows, cols + start, values, scale, level))
         return groups
 
     def _aux_loss(
