@@ -39,8 +39,15 @@ def active_counts(feature_acts: Tensor) -> Tensor:
     """Per-latent firing counts of a ``[..., d_sae]`` batch, with the token count appended.
 
     One pass over the latents that :class:`L0`, :class:`FeatureDensity` and a dead-latent tracker
-    can all share (``[d_sae + 1]``, int64).
+    can all share (``[d_sae + 1]``, int64). ``feature_acts`` may be dense or a sparse CSR tensor
+    ``[tokens, d_sae]`` (the fast training passes' output): then only its stored values are read,
+    and stored zeros do not count as firing.
     """
+    if feature_acts.layout == torch.sparse_csr:
+        tokens, d_sae = feature_acts.shape
+        fired = (feature_acts.values() != 0).long()
+        counts = fired.new_zeros(d_sae).index_add_(0, feature_acts.col_indices(), fired)
+        return torch.cat([counts, counts.new_tensor([tokens])])
     acts = _flatten_tokens(feature_acts)
     counts = torch.count_nonzero(acts, dim=0)
     return torch.cat([counts, counts.new_tensor([acts.shape[0]])])

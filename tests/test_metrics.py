@@ -121,3 +121,18 @@ def test_shared_count_pass_equals_direct_updates():
     assert density.compute().tolist() == pytest.approx([1 / 3, 1 / 3, 0.0, 1.0])
     with pytest.raises(ValueError, match="exactly one"):
         L0().update(ACTS, active_counts=counts)
+
+
+def test_active_counts_of_sparse_csr_equal_dense_and_skip_stored_zeros():
+    from lightning_sae.metrics import active_counts
+
+    sparse = ACTS.to_sparse_csr()
+    # Store an explicit zero (a selected latent whose ReLU is 0) in row 2, column 0.
+    crow, cols, values = sparse.crow_indices(), sparse.col_indices(), sparse.values()
+    crow = torch.cat([crow[:-1], crow[-1:] + 1])
+    cols = torch.cat([cols[:-1], torch.tensor([0, 3])])
+    values = torch.cat([values[:-1], torch.tensor([0.0, 5.0])])
+    with_zero = torch.sparse_csr_tensor(crow, cols, values, ACTS.shape)
+    assert torch.equal(with_zero.to_dense(), ACTS)
+    assert with_zero.values().numel() == sparse.values().numel() + 1
+    assert active_counts(with_zero).tolist() == active_counts(ACTS).tolist() == [1, 1, 0, 3, 3]

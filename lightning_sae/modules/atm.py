@@ -12,9 +12,8 @@ documented there.
 
 from typing import ClassVar, Literal
 
-import lightning_sae.saes.atm  # noqa: F401  (registers "atm" with sae-lens before the class exists)
 from lightning_sae.modules.standard import StandardSAE
-from lightning_sae.saes.atm import ATM_HYPERPARAMETERS, ATM_STATISTICS
+from lightning_sae.saes.atm import ATM_HYPERPARAMETERS, ATM_STATISTICS, ATMTrainingSAE
 
 
 class ATMSAE(StandardSAE):
@@ -45,6 +44,7 @@ class ATMSAE(StandardSAE):
     """
 
     architecture = "atm"
+    training_sae_class = ATMTrainingSAE  # registered with sae-lens as "atm" on import
     sae_config_fields: ClassVar[dict[str, str]] = {
         **StandardSAE.sae_config_fields,
         **{name: name for name in ATM_HYPERPARAMETERS},

@@ -115,8 +115,6 @@ class SAEModule(_ArchitectureDispatch):
     #: SAE tensors kept in the dtype sae-lens created them in, whatever the Trainer precision:
     #: JumpReLU's threshold stops learning in bf16 and BatchTopK's float64 EMA stalls.
     full_precision_tensors: ClassVar[tuple[str, ...]] = ("threshold", "topk_threshold")
-    #: SAE buffers the training pass updates from the rank's own batch, averaged over ranks.
-    rank_averaged_state: ClassVar[tuple[str, ...]] = ()
     #: Hyper-parameters that define the SAE itself (its shapes and inference function): a
     #: checkpoint resumes only into a module that agrees on them.
     structural_hparams: ClassVar[tuple[str, ...]] = ("d_in", "d_sae", "apply_b_dec_to_input")
@@ -229,7 +227,6 @@ class SAEModule(_ArchitectureDispatch):
             ),
             check_finite=hp["check_finite"],
             full_precision=cls.full_precision_tensors,
-            rank_averaged=cls.rank_averaged_state,
         )
 
     @classmethod

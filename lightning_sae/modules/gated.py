@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from lightning_sae.modules.base import SAEModule
 from lightning_sae.modules.validation import check_positive
+from lightning_sae.saes.gated import FastGatedTrainingSAE
 
 
 class GatedSAE(SAEModule):
@@ -27,6 +28,7 @@ class GatedSAE(SAEModule):
     """
 
     architecture = "gated"
+    training_sae_class = FastGatedTrainingSAE
     sae_config_fields: ClassVar[dict[str, str]] = {
         **SAEModule.sae_config_fields,
         "l1_coefficient": "l1_coefficient",

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from lightning_sae.modules.base import SAEModule
 from lightning_sae.modules.validation import check_positive
+from lightning_sae.saes.standard import FastStandardTrainingSAE
 
 
 class StandardSAE(SAEModule):
@@ -27,6 +28,7 @@ class StandardSAE(SAEModule):
     """
 
     architecture = "standard"
+    training_sae_class = FastStandardTrainingSAE
     sae_config_fields: ClassVar[dict[str, str]] = {
         **SAEModule.sae_config_fields,
         "l1_coefficient": "l1_coefficient",

@@ -11,6 +11,9 @@ from typing import Any, ClassVar
 
 from lightning_sae.modules.base import SAEModule
 from lightning_sae.modules.validation import check_k
+from lightning_sae.saes.batchtopk import FastBatchTopKTrainingSAE
+from lightning_sae.saes.matryoshka import FastMatryoshkaBatchTopKTrainingSAE
+from lightning_sae.saes.topk import FastTopKTrainingSAE
 
 
 class TopKSAE(SAEModule):
@@ -30,6 +33,7 @@ class TopKSAE(SAEModule):
     """
 
     architecture = "topk"
+    training_sae_class = FastTopKTrainingSAE
     sae_config_fields: ClassVar[dict[str, str]] = {
         **SAEModule.sae_config_fields,
         "k": "k",
@@ -84,12 +88,12 @@ class BatchTopKSAE(TopKSAE):
     """
 
     architecture = "batchtopk"
+    training_sae_class = FastBatchTopKTrainingSAE
     sae_config_fields: ClassVar[dict[str, str]] = {
         **TopKSAE.sae_config_fields,
         "topk_threshold_lr": "topk_threshold_lr",
     }
     integer_k = False
-    rank_averaged_state = ("topk_threshold",)
 
     def __init__(
         self,
@@ -142,6 +146,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     """
 
     architecture = "matryoshka_batchtopk"
+    training_sae_class = FastMatryoshkaBatchTopKTrainingSAE
     structural_hparams = (*BatchTopKSAE.structural_hparams, "matryoshka_widths")
     sae_config_fields: ClassVar[dict[str, str]] = {
         **BatchTopKSAE.sae_config_fields,

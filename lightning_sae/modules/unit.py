@@ -57,8 +57,9 @@ class SAEUnit(nn.Module):
         optimizer: Adam/schedule settings of this SAE's parameter group.
         check_finite: Refuse a batch holding NaN/inf before it touches the weights.
         full_precision: SAE tensors kept in their creation dtype under any Trainer precision.
-        rank_averaged: SAE buffers averaged over DDP ranks after every training pass (state the
-            training pass updates from the rank's own batch).
+
+    The SAE's ``rank_averaged_state`` (class attribute, optional) names buffers its training pass
+    updates from the rank's own batch; they are averaged over DDP ranks after every pass.
 
     """
 
@@ -70,7 +71,6 @@ class SAEUnit(nn.Module):
         optimizer: OptimizerSettings,
         check_finite: bool = True,
         full_precision: tuple[str, ...] = (),
-        rank_averaged: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.sae = sae
@@ -78,7 +78,7 @@ class SAEUnit(nn.Module):
         self.statistics = statistics
         self.optimizer = optimizer
         self.check_finite = check_finite
-        self.rank_averaged = tuple(rank_averaged) + tuple(getattr(sae, "rank_averaged_state", ()))
+        self.rank_averaged: tuple[str, ...] = tuple(getattr(sae, "rank_averaged_state", ()))
         state = dict(sae.named_parameters()) | dict(sae.named_buffers())
         names = [n for n in full_precision if n in state]
         self._full_precision = {f"sae.{n}": state[n].dtype for n in names}

@@ -1,0 +1,307 @@
+"""One training step per architecture: sae-lens's training class against ours, in one process.
+
+For each architecture and ``d_sae``: the unit (one encoder product ``[B, d_in] @ [d_in, d_sae]``
+with its bias, what any exact step must compute), sae-lens's step (its ``TrainingSAE``'s
+``training_forward_pass`` + backward + its trainer's default ``Adam``) and ours (our training
+class from ``lightning_sae.saes.TRAINING_CLASSES`` + ``Adam(fused=True)``), on the same weights
+and batch. Times are the best of ``--repeats`` rounds taken in turn (unit, sae-lens, ours), so a
+busy machine slows all three alike; quote the ratios, with the load average recorded beside them.
+Peak memory is the step's high-water mark above the memory held before it, less one set of
+gradients, in copies of one ``[B, d_sae]`` float32 tensor (CPU: process RSS; CUDA: allocator).
+
+Rows: ``topk``, ``batchtopk``, ``matryoshka_batchtopk`` (widths d/8, d/4, d/2, d) without and
+with AuxK (``--dead-fraction`` of the latents dead); ``standard`` and ``gated`` with biases set
+for a trained-like ``L0 ≈ k`` and at initialisation (half the latents active). Also Adam's step
+over the TopK parameters: default (for-loop), ``foreach=True``, ``fused=True``.
+
+    python benchmarks/bench_step.py                  # d_in 512, batch 4096, k 32, d_sae 8192 32768
+    python benchmarks/bench_step.py --device cuda
+    python benchmarks/bench_step.py --quick          # tiny sizes, seconds (smoke test)
+
+Writes ``benchmarks/results/step.json`` and ``step.md`` (``--out`` to change the folder).
+"""
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import sae_lens
+import torch
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+
+from lightning_sae.saes import TRAINING_CLASSES
+
+RESULTS = Path(__file__).parent / "results"
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--d-in", type=int, default=512)
+    parser.add_argument("--d-sae", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--dead-fraction", type=float, default=0.25)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--architectures", nargs="+", default=list(TRAINING_CLASSES))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.d_in, args.d_sae, args.batch, args.k, args.repeats = 32, [256], 128, 4, 1
+    return args
+
+
+class Clock:
+    """Wall time of a callable on the benchmark's device (CUDA: synchronised)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """High-water mark of memory during ``fn`` above the memory held before it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        before = _rss_bytes("VmRSS:")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    fn()
+    return _rss_bytes("VmHWM:") - before
+
+
+def build_config(architecture: str, args: argparse.Namespace, d_sae: int):
+    _, config_class = get_sae_training_class(architecture)
+    options: dict[str, object] = {"d_in": args.d_in, "d_sae": d_sae, "device": args.device}
+    if architecture in TOPK_FAMILY:
+        options["k"] = args.k
+    if architecture == "matryoshka_batchtopk":
+        options["matryoshka_widths"] = [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
+    return config_class(**options)
+
+
+@torch.no_grad()
+def set_density(sae: TrainingSAE, x: torch.Tensor, active: float) -> None:
+    """Shift the (gate) encoder bias so that a fraction ``active`` of the latents fire on ``x``."""
+    bias = sae.b_gate if hasattr(sae, "b_gate") else sae.b_enc
+    pre = (x - sae.b_dec) @ sae.W_enc + bias
+    sample = pre.flatten()[torch.randint(pre.numel(), (1_000_000,), device=pre.device)]
+    bias -= torch.quantile(sample, 1.0 - active)
+
+
+def make_step(
+    sae: TrainingSAE, optimizer: torch.optim.Optimizer, step_input: TrainStepInput
+) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        output = sae.training_forward_pass(step_input)
+        output.loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure_row(
+    architecture: str, label: str, args: argparse.Namespace, d_sae: int, active: float | None
+) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = build_config(architecture, args, d_sae)
+    sae_lens_class, _ = get_sae_training_class(architecture)
+    theirs = sae_lens_class(copy.deepcopy(cfg))
+    x = torch.randn(args.batch, args.d_in, device=device)
+    if active is not None:
+        set_density(theirs, x, active)
+    ours = TRAINING_CLASSES[architecture](copy.deepcopy(cfg)).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    dead = None
+    if label.endswith("AuxK"):
+        dead = torch.rand(d_sae, device=device) < args.dead_fraction
+    step_input = TrainStepInput(
+        sae_in=x,
+        coefficients={"l1": 1.0},
+        dead_neuron_mask=dead,
+        n_training_steps=0,
+        is_logging_step=False,
+    )
+    lr = 1e-6  # the weights (and so the density) barely move over the timed steps
+    steps = {
+        "sae_lens": make_step(theirs, torch.optim.Adam(theirs.parameters(), lr=lr), step_input),
+        "ours": make_step(ours, torch.optim.Adam(ours.parameters(), lr=lr, fused=True), step_input),
+    }
+
+    def unit() -> None:
+        torch.addmm(ours.b_enc if hasattr(ours, "b_enc") else ours.b_gate, x, ours.W_enc)
+
+    clock = Clock(device)
+    for fn in (unit, *steps.values()):  # warm-up: Adam state, first-call costs
+        fn()
+    times: dict[str, list[float]] = {"unit": [], "sae_lens": [], "ours": []}
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.repeats):
+        times["unit"].append(clock(unit))
+        for name, fn in steps.items():
+            times[name].append(clock(fn))
+        loads.append(os.getloadavg()[0])
+    copy_bytes = args.batch * d_sae * 4
+    grad_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    best = {name: min(values) for name, values in times.items()}
+    row = {
+        "architecture": architecture,
+        "case": label,
+        "d_sae": d_sae,
+        "unit_ms": round(best["unit"] * 1e3, 2),
+        "sae_lens_x": round(best["sae_lens"] / best["unit"], 2),
+        "ours_x": round(best["ours"] / best["unit"], 2),
+        "speed_up": round(best["sae_lens"] / best["ours"], 2),
+        "load_1min": [round(load, 2) for load in loads],
+    }
+    for name, fn in steps.items():
+        peak = peak_extra_bytes(fn, device)
+        row[f"{name}_peak_copies"] = (
+            None if peak is None else round((peak - grad_bytes) / copy_bytes, 2)
+        )
+    with torch.no_grad():
+        output = ours.training_forward_pass(step_input)
+        acts = output.feature_acts
+        nonzero = (
+            (acts.values() != 0).sum() if acts.layout == torch.sparse_csr else (acts != 0).sum()
+        )
+        row["l0"] = round(float(nonzero) / args.batch, 1)
+    return row
+
+
+def measure_adam(args: argparse.Namespace, d_sae: int) -> dict:
+    """One Adam step over TopK-sized parameters, in units of the encoder product."""
+    device = torch.device(args.device)
+    shapes = [(args.d_in, d_sae), (d_sae, args.d_in), (d_sae,), (args.d_in,)]
+    clock = Clock(device)
+    x = torch.randn(args.batch, args.d_in, device=device)
+    W_enc = torch.randn(args.d_in, d_sae, device=device)
+    variants = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    optimizers = {}
+    for name, options in variants.items():
+        params = [torch.nn.Parameter(torch.randn(shape, device=device)) for shape in shapes]
+        for param in params:
+            param.grad = torch.randn_like(param)
+        optimizers[name] = torch.optim.Adam(params, lr=1e-6, **options)
+        optimizers[name].step()
+    times: dict[str, list[float]] = {name: [] for name in ("unit", *variants)}
+    for _ in range(max(args.repeats, 3)):
+        times["unit"].append(clock(lambda: x @ W_enc))
+        for name, optimizer in optimizers.items():
+            times[name].append(clock(optimizer.step))
+    unit = min(times["unit"])
+    return {"d_sae": d_sae, **{name: round(min(times[name]) / unit, 3) for name in variants}}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    c = result["config"]
+    lines = [
+        f"Training step, in units of one encoder product (`[{c['batch']}, {c['d_in']}] @ "
+        f"[{c['d_in']}, d_sae]`), best of {c['repeats']}; device `{c['device']}` "
+        f"({result['machine']}); torch {result['torch']}, sae-lens {result['sae_lens']}; "
+        f"1-min load average {result['load_1min']['min']}–{result['load_1min']['max']} "
+        f"(at start {result['load_1min']['start']}).",
+        "Peak: the step's memory high-water mark above what it held before, less one set of "
+        f"gradients, in copies of one `[B, d_sae]` float32 tensor. AuxK: "
+        f"{c['dead_fraction']:.0%} of the latents dead. L0: ours, active latents per token.",
+        "",
+        "| architecture | case | d_sae | L0 | unit ms | sae-lens | ours | speed-up "
+        "| sae-lens peak | ours peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['architecture']} | {row['case']} | {row['d_sae']} | {row['l0']} "
+            f"| {row['unit_ms']} | {row['sae_lens_x']}× | {row['ours_x']}× | {row['speed_up']}× "
+            f"| {row['sae_lens_peak_copies']} | {row['ours_peak_copies']} |"
+        )
+    lines += [
+        "",
+        "Adam step over TopK parameters, in units of the encoder product:",
+        "",
+        "| d_sae | default | foreach | fused |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in result["adam"]:
+        lines.append(f"| {row['d_sae']} | {row['default']} | {row['foreach']} | {row['fused']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def cases(architecture: str, args: argparse.Namespace) -> list[tuple[str, float | None]]:
+    if architecture in TOPK_FAMILY:
+        return [("no dead", None), ("AuxK", None)]
+    return [("L0≈k", None), ("init", 0.5)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    start_load = os.getloadavg()[0]
+    rows = []
+    for d_sae in args.d_sae:
+        for architecture in args.architectures:
+            for label, active in cases(architecture, args):
+                if label == "L0≈k":
+                    active = args.k / d_sae
+                rows.append(measure_row(architecture, label, args, d_sae, active))
+                print(json.dumps(rows[-1]), flush=True)
+    adam = [measure_adam(args, d_sae) for d_sae in args.d_sae]
+    loads = [load for row in rows for load in row["load_1min"]]
+    result = {
+        "config": {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items()
+        },
+        "machine": (
+            f"{platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
+        ),
+        "torch": torch.__version__,
+        "sae_lens": sae_lens.__version__,
+        "load_1min": {"start": round(start_load, 2), "min": min(loads), "max": max(loads)},
+        "rows": rows,
+        "adam": adam,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "step.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, args.out / "step.md")
+    print((args.out / "step.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""Sparse kernels of the training hot path, shared by our training SAE classes.
+
+Only torch ops that exist on CPU and CUDA. The TopK family works on *entries*: ``rows`` (token
+index) and ``cols`` (latent index) of the few non-zero latents. After one dense encoder product
+(``scores``, no autograd graph), everything else touches the entries only:
+
+* :class:`SampledEncoder` returns the pre-activations at the entries with a backward pass that
+  builds ``W_enc``'s gradient from the entries alone (``embedding_bag`` over the inputs, one bag
+  per latent) — never a dense ``[B, d_sae]`` gradient;
+* :func:`sparse_decode` is ``F.embedding_bag`` over ``W_dec`` (one bag per token), whose own
+  backward gives ``W_dec``'s gradient and the entries' gradients (a sampled product);
+* selection: :func:`row_topk` (per-row top-k, on one shard of the latents or all of them),
+  :func:`merge_row_topk` (the same across shards), and the exact batch top-k
+  :func:`row_candidates` → :func:`select_batch_topk` (→ :func:`extend_candidates` where the
+  exactness check fails).
+
+Sharding: a rank holding latents ``[offset, offset + d_local)`` calls :func:`row_topk` or
+:func:`row_candidates` with ``column_offset=offset``; the candidates of all ranks (values, rows,
+global cols, and for batch top-k the per-row ``floors`` stacked ``[ranks, B]``) are all-gathered
+and merged with :func:`merge_row_topk` or :func:`select_batch_topk` unchanged.
+"""
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Candidates(NamedTuple):
+    """Per-row candidates for an exact batch top-k.
+
+    ``values``/``rows``/``cols`` (``[n]``) list candidate entries. ``floors`` holds, per candidate
+    group (a row, or a row of one shard: any shape), the smallest listed value of that group, or
+    ``-inf`` where the group lists all of its entries; every unlisted entry of a group is at most
+    its floor.
+    """
+
+    values: Tensor
+    rows: Tensor
+    cols: Tensor
+    floors: Tensor
+
+
+class Entries(NamedTuple):
+    """Sparse entries, sorted by row, then column.
+
+    ``rows``, ``cols``, their ``values`` in the matrix they were selected from, and the CSR row
+    pointer ``crow`` ``[B + 1]``.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    values: Tensor
+    crow: Tensor
+
+
+def row_offsets(sorted_ids: Tensor, n: int) -> Tensor:
+    """CSR pointer ``[n + 1]`` of ids sorted ascending (static shape: no host synchronisation)."""
+    return torch.searchsorted(sorted_ids, torch.arange(n + 1, device=sorted_ids.device))
+
+
+def sort_entries(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Entries:
+    """Sort entries by ``(row, col)`` and add their CSR row pointer."""
+    order = (rows * n_cols + cols).argsort()
+    rows = rows[order]
+    return Entries(rows, cols[order], values[order], row_offsets(rows, n_rows))
+
+
+def row_topk(scores: Tensor, k: int, column_offset: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-row top-``k`` of ``scores`` ``[B, d]``: values and global column indices, ``[B, k]``.
+
+    ``column_offset`` turns a shard's local columns into global latent indices.
+    """
+    values, cols = scores.topk(k, dim=-1, sorted=False)
+    return values, cols + column_offset if column_offset else cols
+
+
+def merge_row_topk(values: Tensor, cols: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-row top-``k`` of candidates ``[B, n]`` gathered from shards.
+
+    Exact: each shard's own top-``k`` holds all of its possible winners.
+    """
+    values, position = values.topk(k, dim=-1, sorted=False)
+    return values, cols.gather(-1, position)
+
+
+def row_candidates(scores: Tensor, m: int, column_offset: int = 0) -> Candidates:
+    """Each row's top-``m`` entries of ``scores`` ``[B, d]`` as batch top-k candidates."""
+    batch, width = scores.shape
+    values, cols = row_topk(scores, min(m, width), column_offset)
+    # Where every entry is listed, nothing can be missing: the floor is -inf.
+    floors = values.new_full((batch,), -torch.inf) if m >= width else values.amin(dim=-1)
+    rows = torch.arange(batch, device=scores.device).repeat_interleave(values.shape[-1])
+    return Candidates(values.flatten(), rows, cols.flatten(), floors)
+
+
+def select_batch_topk(candidates: Candidates, total: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``total`` candidates (by value) and which candidate groups may hide more winners.
+
+    Returns the winners' positions in ``candidates`` (``[total]``), the cut-off (the smallest
+    winning value) and a boolean ``saturated`` shaped like ``floors``.
+
+    Exactness: an unlisted entry ``e`` of a group is ``<= floor``. Where ``floor < cut-off``,
+    ``total`` listed values exceed ``e``, so ``e`` is not among the top ``total``; where
+    ``floor <= 0``, ``relu(e) = 0`` and ``e`` can only tie with other zero activations, which
+    change nothing. So the result equals the top-``total`` of ``relu`` over the whole matrix
+    (up to ties) unless some group has ``floor >= cut-off`` and ``floor > 0``: ``saturated``.
+    """
+    winners, position = candidates.values.topk(total, sorted=False)
+    cut_off = winners.min()
+    floors = candidates.floors
+    return position, cut_off, (floors >= cut_off) & (floors > 0)
+
+
+def extend_candidates(
+    candidates: Candidates, scores: Tensor, saturated_rows: Tensor, m: int
+) -> Candidates:
+    """Replace the candidates of rows ``saturated_rows`` (indices) by their top-``m`` entries."""
+    extra = row_candidates(scores[saturated_rows], m)
+    keep = torch.ones_like(candidates.floors, dtype=torch.bool)
+    keep[saturated_rows] = False
+    listed = keep[candidates.rows]
+    floors = candidates.floors.clone()
+    floors[saturated_rows] = extra.floors
+    return Candidates(
+        torch.cat([candidates.values[listed], extra.values]),
+        torch.cat([candidates.rows[listed], saturated_rows[extra.rows]]),
+        torch.cat([candidates.cols[listed], extra.cols]),
+        floors,
+    )
+
+
+def batch_topk_entries(scores: Tensor, total: int, m: int) -> Entries:
+    """Exact top-``total`` entries of ``relu(scores)`` over the whole ``[B, d]`` matrix, sorted.
+
+    Per-row top-``m`` candidates, then a global selection among them; rows whose candidates may
+    hide winners (see :func:`select_batch_topk`) get ``4·m`` candidates until none does.
+
+    The exactness test reads one boolean on the host per round: free on CPU, one synchronisation
+    per step on CUDA (the alternative, a top-k over all ``B·d`` values, costs ~10 per-row ones).
+    """
+    batch, width = scores.shape
+    m = max(1, min(m, width))
+    candidates = row_candidates(scores, m)
+    while True:
+        position, _, saturated = select_batch_topk(candidates, total)
+        if m >= width or not bool(saturated.any()):
+            break
+        m = min(4 * m, width)
+        candidates = extend_candidates(candidates, scores, saturated.nonzero().flatten(), m)
+    return sort_entries(
+        candidates.rows[position],
+        candidates.cols[position],
+        candidates.values[position],
+        batch,
+        width,
+    )
+
+
+def topk_entries(scores: Tensor, k: int) -> Entries:
+    """Per-row top-``k`` entries of ``scores`` ``[B, d]``, sorted (``k`` per row)."""
+    batch = scores.shape[0]
+    values, cols = row_topk(scores, k)
+    cols, order = cols.sort(dim=-1)
+    values = values.gather(-1, order)
+    device = scores.device
+    rows = torch.arange(batch, device=device).repeat_interleave(k)
+    crow = torch.arange(0, batch * k + 1, k, device=device)
+    return Entries(rows, cols.flatten(), values.flatten(), crow)
+
+
+def dead_row_topk(scores: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Per-row top-``min(k, n_dead)`` of ``scores`` ``[B, d]`` among the columns ``dead`` ``[d]``.
+
+    Returns ``rows``, ``cols``, ``values`` and ``n_dead``. Reads the number of dead latents on the
+    host (as sae-lens does): the work then scales with the dead latents, not with ``d``.
+    """
+    dead_cols = dead.nonzero().flatten()
+    n_dead = dead_cols.shape[0]
+    if n_dead == 0:
+        empty = dead_cols.new_zeros(0)
+        return empty, empty, scores.new_zeros(0), 0
+    k = min(k, n_dead)
+    values, position = scores.index_select(1, dead_cols).topk(k, dim=-1, sorted=False)
+    rows = torch.arange(scores.shape[0], device=scores.device).repeat_interleave(k)
+    return rows, dead_cols[position.flatten()], values.flatten(), n_dead
+
+
+class EntryLayout(NamedTuple):
+    """Entries of a sparse step in two orders: as listed (by decode bag) and by latent.
+
+    ``rows``: token of each entry (a row of the encoder's input); ``cols``: its latent;
+    ``bags``: its decoder output row (non-decreasing), with pointer ``bag_offsets``;
+    ``by_col``: the permutation sorting entries by latent, with pointer ``col_offsets``.
+    Both weight gradients are ``embedding_bag`` sums over the entries in latent order.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    bags: Tensor
+    bag_offsets: Tensor
+    by_col: Tensor
+    col_offsets: Tensor
+
+
+def entry_layout(rows: Tensor, cols: Tensor, bags: Tensor, n_bags: int, n_cols: int) -> EntryLayout:
+    """Build an :class:`EntryLayout` (``bags`` must be non-decreasing)."""
+    by_col = cols.argsort()
+    return EntryLayout(
+        rows, cols, bags, row_offsets(bags, n_bags), by_col, row_offsets(cols[by_col], n_cols)
+    )
+
+
+def _latent_sums(
+    layout: EntryLayout, source_rows: Tensor, source: Tensor, weights: Tensor
+) -> Tensor:
+    """Sum ``weights[e] · source[source_rows[e]]`` over the entries ``e`` of each latent.
+
+    ``[d_sae, d]``: ``CSRᵀ @ source`` with one ``embedding_bag`` bag per latent.
+    """
+    order = layout.by_col
+    return F.embedding_bag(
+        source_rows[order],
+        source,
+        layout.col_offsets,
+        mode="sum",
+        per_sample_weights=weights[order],
+        include_last_offset=True,
+    )
+
+
+class SampledEncoder(torch.autograd.Function):
+    """Pre-activations ``((x − b_dec) @ W_enc + b_enc) · scale`` at sparse entries, differentiable.
+
+    The forward values come precomputed (selected from the dense, graph-free encoder product).
+    Backward touches the entries only: ``W_enc``'s gradient is ``CSRᵀ @ x`` (an ``embedding_bag``
+    of input rows, one bag per latent), ``b_enc``'s an ``index_add_``, ``b_dec``'s
+    ``−W_enc @ grad_b_enc`` (the inputs need no gradient), ``scale``'s (the decoder norm of
+    ``rescale_acts_by_decoder_norm``) ``Σ grad · value / scale``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        values: Tensor,
+        x_centered: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        b_dec: Tensor | None,
+        scale: Tensor | None,
+        layout: EntryLayout,
+    ) -> Tensor:
+        """Return ``values`` (already computed) and keep what the backward needs."""
+        ctx.save_for_backward(values, x_centered, W_enc, scale)
+        ctx.layout = layout
+        ctx.has_b_dec = b_dec is not None
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        """Gradients of ``W_enc``, ``b_enc``, ``b_dec`` and ``scale`` from the entries alone."""
+        values, x_centered, W_enc, scale = ctx.saved_tensors
+        layout: EntryLayout = ctx.layout
+        cols = layout.cols
+        d_sae = W_enc.shape[1]
+        grad_pre = grad * scale[cols] if scale is not None else grad
+        grad_b_enc = grad_pre.new_zeros(d_sae).index_add_(0, cols, grad_pre)
+        grad_W_enc = None
+        if ctx.needs_input_grad[2]:
+            grad_W_enc = _latent_sums(layout, layout.rows, x_centered, grad_pre).T
+        grad_b_dec = None
+        if ctx.has_b_dec and ctx.needs_input_grad[4]:
+            grad_b_dec = -(W_enc @ grad_b_enc)
+        grad_scale = None
+        if scale is not None and ctx.needs_input_grad[5]:
+            grad_scale = grad.new_zeros(d_sae).index_add_(0, cols, grad * values / scale[cols])
+        return None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_scale, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """``out[bag] = Σ_{entries e in bag} weights[e] · W_dec[cols[e]]``: an ``embedding_bag``.
+
+    Backward: the entries' gradients are sampled products ``grad[bag] · W_dec[col]`` (through
+    ``embedding_bag``'s own per-sample-weight backward); ``W_dec``'s is a sum per latent in
+    latent order (:class:`EntryLayout`), several times faster on CPU than ``embedding_bag``'s own
+    weight backward.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, W_dec: Tensor, layout: EntryLayout) -> Tensor:  # type: ignore[override]
+        """Decode; keep ``embedding_bag``'s graph for the entries' gradients."""
+        with torch.enable_grad():
+            leaf = weights.detach().requires_grad_()
+            out = F.embedding_bag(
+                layout.cols,
+                W_dec.detach(),
+                layout.bag_offsets,
+                mode="sum",
+                per_sample_weights=leaf,
+                include_last_offset=True,
+            )
+        ctx.graph = (leaf, out)
+        ctx.layout = layout
+        ctx.save_for_backward(weights)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        """Gradients of the entries' weights and of ``W_dec``."""
+        (weights,) = ctx.saved_tensors
+        leaf, out = ctx.graph
+        grad_weights = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            (grad_weights,) = torch.autograd.grad(out, leaf, grad)
+        if ctx.needs_input_grad[1]:
+            layout: EntryLayout = ctx.layout
+            grad_W_dec = _latent_sums(layout, layout.bags, grad, weights)
+        return grad_weights, grad_W_dec, None
+
+
+class DenseEncoder(torch.autograd.Function):
+    """``(x − b_dec) @ W_enc + b_enc`` whose backward skips the input gradient ``grad @ W_encᵀ``.
+
+    The inputs need no gradient, so ``b_dec``'s is ``−W_enc @ Σ_rows grad`` (a matrix-vector
+    product) instead of a second ``[B, d_sae] @ [d_sae, d_in]`` product. ``b_enc`` may be None.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x_centered: Tensor, W_enc: Tensor, b_enc: Tensor | None, b_dec: Tensor | None
+    ) -> Tensor:
+        """Return the encoder product (plus ``b_enc``)."""
+        ctx.save_for_backward(x_centered, W_enc)
+        ctx.has_b_dec = b_dec is not None
+        out = x_centered @ W_enc
+        return out if b_enc is None else out.add_(b_enc)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        """Gradients of ``W_enc``, ``b_enc`` and ``b_dec`` (none for the inputs)."""
+        x_centered, W_enc = ctx.saved_tensors
+        grad_W_enc = x_centered.T @ grad if ctx.needs_input_grad[1] else None
+        grad_sum = grad.sum(dim=0)
+        grad_b_enc = grad_sum if ctx.needs_input_grad[2] else None
+        grad_b_dec = None
+        if ctx.has_b_dec and ctx.needs_input_grad[3]:
+            grad_b_dec = -(W_enc @ grad_sum)
+        return None, grad_W_enc, grad_b_enc, grad_b_dec
+
+
+def positive_entries(pre: Tensor) -> Entries:
+    """Entries where ``pre`` ``[B, d]`` is positive, sorted by row, then column."""
+    positive = pre > 0
+    rows, cols = positive.nonzero().unbind(dim=1)
+    return Entries(rows, cols, pre[positive], row_offsets(rows, pre.shape[0]))
+
+
+def runs_sae_lens_pass(sae: torch.nn.Module) -> bool:
+    """Whether ``sae`` must take sae-lens's own training pass instead of our fast one.
+
+    Our passes skip sae-lens's hook points and its run-time input normalisations; an SAE with a
+    hook attached, or with ``normalize_activations`` ``constant_norm_rescale``/``layer_norm``,
+    trains through sae-lens's code.
+    """
+    if sae.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+        return True
+    return any(hook._forward_hooks or hook._backward_hooks for hook in sae.hook_dict.values())
+
+
+def sparse_csr(entries: Entries, values: Tensor, n_cols: int) -> Tensor:
+    """Return a ``[B, n_cols]`` CSR tensor of ``values`` at ``entries`` (explicit zeros kept)."""
+    batch = entries.crow.shape[0] - 1
+    with warnings.catch_warnings():  # torch warns once per process that CSR is "beta"
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            entries.crow, entries.cols, values, (batch, n_cols), check_invariants=False
+        )

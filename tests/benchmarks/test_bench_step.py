@@ -1,0 +1,29 @@
+"""The step benchmark's ``--quick`` mode runs end to end and writes its two result files."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_step.py"
+
+
+def test_quick_mode_writes_json_and_markdown(tmp_path: Path):
+    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--quick", "--out", str(tmp_path), "--architectures", "batchtopk", "gated"]
+    bench.main(argv)
+    result = json.loads((tmp_path / "step.json").read_text())
+    cases = [(row["architecture"], row["case"]) for row in result["rows"]]
+    assert cases == [
+        ("batchtopk", "no dead"),
+        ("batchtopk", "AuxK"),
+        ("gated", "L0≈k"),
+        ("gated", "init"),
+    ]
+    for row in result["rows"]:
+        assert row["sae_lens_x"] > 0 and row["ours_x"] > 0 and row["load_1min"]
+    assert [row["l0"] for row in result["rows"]][:2] == [4.0, 4.0]  # k = 4 in quick mode
+    assert set(result["adam"][0]) == {"d_sae", "default", "foreach", "fused"}
+    table = (tmp_path / "step.md").read_text()
+    assert "| batchtopk | AuxK | 256 |" in table and "load average" in table

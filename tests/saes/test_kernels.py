@@ -1,0 +1,84 @@
+"""Selection kernels: exact batch top-k with its saturation check, and merges across shards."""
+
+import torch
+
+from lightning_sae.saes.kernels import (
+    Candidates,
+    batch_topk_entries,
+    merge_row_topk,
+    row_candidates,
+    row_topk,
+    select_batch_topk,
+)
+
+B, D = 16, 48
+
+
+def reference_batch_topk(scores: torch.Tensor, total: int) -> torch.Tensor:
+    """sae-lens's BatchTopK activation: top ``total`` of ``relu(scores)`` over the flat batch."""
+    flat = scores.relu().flatten()
+    top = flat.topk(total)
+    return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(scores)
+
+
+def densify(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(scores)
+    out[rows, cols] = scores[rows, cols].relu()
+    return out
+
+
+def test_saturated_rows_are_flagged_and_extended():
+    torch.manual_seed(0)
+    scores = torch.randn(B, D)
+    scores[3] += 10.0  # row 3 holds more than m winners
+    total, m = 2 * B, 4
+    candidates = row_candidates(scores, m)
+    position, cut_off, saturated = select_batch_topk(candidates, total)
+    assert saturated[3]
+    rows, cols = candidates.rows[position], candidates.cols[position]
+    assert not torch.equal(densify(scores, rows, cols), reference_batch_topk(scores, total))
+    assert cut_off < scores.relu().flatten().topk(total).values.min()  # winners were missing
+    entries = batch_topk_entries(scores, total, m)
+    assert torch.equal(
+        densify(scores, entries.rows, entries.cols), reference_batch_topk(scores, total)
+    )
+    assert torch.equal(entries.crow, torch.searchsorted(entries.rows, torch.arange(B + 1)))
+
+
+def test_fewer_positives_than_total_is_exact_without_extension():
+    """Once the cut-off is <= 0, a row's unlisted entries are <= 0 and cannot matter."""
+    torch.manual_seed(1)
+    scores = torch.randn(B, D) - 3.0  # a handful of positives
+    total, m = 4 * B, 4
+    _, cut_off, saturated = select_batch_topk(row_candidates(scores, m), total)
+    assert cut_off <= 0
+    assert not saturated.any()
+    entries = batch_topk_entries(scores, total, m)
+    assert torch.equal(
+        densify(scores, entries.rows, entries.cols), reference_batch_topk(scores, total)
+    )
+
+
+def test_sharded_candidates_merge_to_the_unsharded_result():
+    torch.manual_seed(2)
+    scores = torch.randn(B, D)
+    shards = [(0, 20), (20, 48)]
+    # Per-row top-k: each shard's top-k, gathered, then merged.
+    local = [row_topk(scores[:, a:b], 5, column_offset=a) for a, b in shards]
+    values, cols = merge_row_topk(
+        torch.cat([v for v, _ in local], dim=1), torch.cat([c for _, c in local], dim=1), 5
+    )
+    expected_values, expected_cols = row_topk(scores, 5)
+    assert torch.equal(cols.sort(dim=1).values, expected_cols.sort(dim=1).values)
+    assert torch.equal(values.sort(dim=1).values, expected_values.sort(dim=1).values)
+    # Batch top-k: each shard's row candidates, gathered (floors stacked per shard), selected.
+    parts = [row_candidates(scores[:, a:b], 8, column_offset=a) for a, b in shards]
+    gathered = Candidates(
+        *(torch.cat([getattr(p, f) for p in parts]) for f in Candidates._fields[:3]),
+        torch.stack([p.floors for p in parts]),
+    )
+    total = 3 * B
+    position, _, saturated = select_batch_topk(gathered, total)
+    assert saturated.shape == (2, B) and not saturated.any()
+    got = densify(scores, gathered.rows[position], gathered.cols[position])
+    assert torch.equal(got, reference_batch_topk(scores, total))
