@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import D_IN, loader, quiet_trainer
 from sae_lens.config import SAETrainerConfig
+from sae_lens.registry import get_sae_training_class
 from sae_lens.synthetic import mean_correlation_coefficient
 from sae_lens.training.sae_trainer import SAETrainer
 
@@ -86,7 +87,10 @@ def test_as_good_as_sae_lens_trainer(name, feature_dictionary, synthetic_train, 
         normalize_activations=False,  # synthetic data; sae-lens's runner is set to "none" too
         dead_window_tokens=dead_window_steps * batch_size,
     )
-    reference = copy.deepcopy(module.sae)  # identical initialisation
+    # sae-lens's own training class (not our fast one), with identical initial weights.
+    reference_cls, _ = get_sae_training_class(module.sae.cfg.architecture())
+    reference = reference_cls(copy.deepcopy(module.sae.cfg))
+    reference.load_state_dict(module.sae.state_dict())
 
     quiet_trainer(max_steps=steps, gradient_clip_val=1.0).fit(
         module, loader(data, batch_size=batch_size)
