@@ -36,8 +36,10 @@ class SAELensExport(Callback):
         dirpath: Folder of the exports; ``None`` uses ``<trainer.default_root_dir>/sae_lens``.
         every_n_steps: Also export every this many optimisation steps (``None``: only at the end).
         metadata: sae-lens metadata passed to every export (overrides the DataModule's).
-        calibration_activations: Held-out activations for BatchTopK thresholds; ``None`` draws
-            ``calibration_tokens`` from ``trainer.datamodule.sample_activations``.
+        calibration_activations: Held-out activations for BatchTopK thresholds, or
+            ``{hook_name: activations}`` for a ``MultiSAEModule`` (each hook calibrates on its
+            own layer); ``None`` draws ``calibration_tokens`` from the DataModule's
+            ``sample_activations``.
         calibration_tokens: Tokens drawn from the DataModule per BatchTopK export.
 
     """
@@ -51,7 +53,7 @@ class SAELensExport(Callback):
         every_n_steps: int | None = None,
         metadata: Mapping[str, Any] | None = None,
         *,
-        calibration_activations: Tensor | Iterable[Tensor] | None = None,
+        calibration_activations: Tensor | Iterable[Tensor] | Mapping[str, Tensor] | None = None,
         calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps <= 0):
@@ -60,13 +62,26 @@ class SAELensExport(Callback):
         self.every_n_steps = every_n_steps
         self.metadata = dict(metadata or {})
         # A one-shot iterable (a generator) would be empty at the second export: keep a list.
+        # A one-shot iterable (a generator) would be empty at the second export: keep a list.
         self.calibration_activations = (
             calibration_activations
-            if calibration_activations is None or isinstance(calibration_activations, Tensor)
+            if calibration_activations is None
+            or isinstance(calibration_activations, Tensor | Mapping)
             else list(calibration_activations)
         )
         self.calibration_tokens = calibration_tokens
         self._last_step: int | None = None
+
+    def _calibration_for(self, hook: str | None) -> Any:
+        given = self.calibration_activations
+        if isinstance(given, Mapping):
+            if hook is None or hook not in given:
+                raise ValueError(
+                    f"calibration_activations has no activations for hook {hook!r}; it has "
+                    f"{sorted(given)}."
+                )
+            return given[hook]
+        return given
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Check the module type and resolve the export folder."""
@@ -74,6 +89,19 @@ class SAELensExport(Callback):
             raise TypeError(
                 "SAELensExport exports lightning_sae SAE modules (SAEModule, MultiSAEModule), got "
                 f"{type(pl_module).__name__}."
+            )
+        several = isinstance(pl_module, MultiSAEModule)
+        given = self.calibration_activations
+        if several and given is not None and not isinstance(given, Mapping):
+            raise ValueError(
+                "A MultiSAEModule calibrates each hook on its own layer: pass "
+                "calibration_activations={hook_name: activations}, or leave it None to sample "
+                "the DataModule."
+            )
+        if several and "hook_name" in self.metadata:
+            raise ValueError(
+                "metadata['hook_name'] would name every hook's export alike: leave it out (each "
+                "export records its own hook)."
             )
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "sae_lens"
@@ -118,7 +146,7 @@ class SAELensExport(Callback):
                 path if hook is None else path / hook,
                 self.metadata,
                 hook_name=hook,
-                calibration_activations=self.calibration_activations,
+                calibration_activations=self._calibration_for(hook),
                 calibration_tokens=self.calibration_tokens,
             )
         link = self.dirpath / f".{self.latest_name}.tmp-{uuid.uuid4().hex[:8]}"

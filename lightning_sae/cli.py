@@ -72,7 +72,7 @@ class SAECLI(LightningCLI):
         """Take ``--ckpt_path``'s hyper-parameters, refusing any that contradict the config.
 
         Lightning lets the checkpoint's model silently replace the one asked for (another
-        ``--model``, another ``k``); here a different class or SAE-defining argument is a usage
+        ``--model``, another ``k``); here a different class or SAE-defining setting is a usage
         error, and other differences (learning rate...) are reported as the checkpoint's values.
         """
         subcommand = self.config.get("subcommand")
@@ -81,31 +81,33 @@ class SAECLI(LightningCLI):
         used = self.config[subcommand].get("model") if subcommand else None
         if asked is None or used is None or asked == used:
             return
-        if asked.get("class_path") != used.get("class_path"):
+        asked_cls, used_cls = _class_of(asked), _class_of(used)
+        if asked_cls is not used_cls:
             self.parser.error(
                 f"--ckpt_path holds a {used.get('class_path')} but the config asks for "
                 f"{asked.get('class_path')}: drop --model (resume the checkpoint as it is) or "
                 "start a new run without --ckpt_path."
             )
-        module_name, _, name = used["class_path"].rpartition(".")
-        structural = getattr(import_class(f"{module_name}:{name}"), "structural_hparams", None)
         given, saved = _init_args(asked), _init_args(used)
+        view = getattr(used_cls, "structural_view", None)
+        if view is not None:
+            theirs, ours = view(saved), view(given)
+            blocking = {
+                name: (ours.get(name), theirs.get(name))
+                for name in sorted(theirs.keys() | ours.keys())
+                if theirs.get(name) != ours.get(name)
+            }
+            if blocking:
+                self.parser.error(
+                    f"--ckpt_path holds an SAE that differs from the config's: {blocking} "
+                    "(config, checkpoint). Resume with the checkpoint's settings, or start a new "
+                    "run without --ckpt_path."
+                )
         differing = {
-            name: (given[name], saved.get(name))
-            for name in given
-            if given[name] is not None and given[name] != saved.get(name)
+            name: (value, saved.get(name))
+            for name, value in given.items()
+            if value is not None and value != saved.get(name)
         }
-        blocking = {
-            name: values
-            for name, values in differing.items()
-            if structural is None or name in structural
-        }
-        if blocking:
-            self.parser.error(
-                f"--ckpt_path holds an SAE that differs from the config's: {blocking} (config, "
-                "checkpoint). Resume with the checkpoint's settings, or start a new run without "
-                "--ckpt_path."
-            )
         if differing:
             warnings.warn(
                 f"Resuming with the checkpoint's {differing} (config, checkpoint): the "
@@ -119,6 +121,15 @@ class SAECLI(LightningCLI):
             super().instantiate_classes()
         except ValueError as error:
             self.parser.error(f"{type(error).__name__}: {error}")
+
+
+def _class_of(model_config: Any) -> type | None:
+    """Import the class a config's ``class_path`` names (jsonargparse already imported it)."""
+    module_name, _, name = str(model_config.get("class_path")).rpartition(".")
+    try:
+        return import_class(f"{module_name}:{name}")
+    except (ImportError, AttributeError, TypeError):
+        return None
 
 
 def _init_args(model_config: Any) -> dict[str, Any]:

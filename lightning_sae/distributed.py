@@ -5,7 +5,6 @@ each call on the same step. Without an initialised process group each function r
 so code that uses them runs unchanged in one process (tests, notebooks).
 """
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -28,10 +27,3 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     """Mean of ``tensor`` over ranks, computed in the tensor's dtype (float64 stays float64)."""
     size = world_size()
     return tensor if size == 1 else all_reduce_sum(tensor) / size
-
-
-def any_rank(flags: Tensor) -> Tensor:
-    """Element-wise OR of a boolean tensor over ranks."""
-    if world_size() == 1:
-        return flags
-    return all_reduce_sum(flags.to(torch.int32)) > 0

@@ -16,6 +16,7 @@ leaves the previous complete folder (or none), never a half-written one.
 import contextlib
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,22 +45,48 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(target: Path) -> None:
-    """Delete temporaries an interrupted write of ``target`` left beside it.
+def _token() -> str:
+    """Return a temporary name token: host and pid of its writer, so others see when it is stale."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
-    A previous complete folder that an interrupted swap left under its ``.old-`` name is moved
-    back into place first when ``target`` itself is missing.
+
+def _writer_is_gone(name: str, marker: str) -> bool:
+    """Tell whether the writer of temporary ``name`` was a process of this host that has ended.
+
+    Temporaries of other hosts (a shared filesystem) or of running processes are never touched.
+    """
+    host, _, rest = name.partition(marker)[2].rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not rest.isdigit():
+        return False
+    try:
+        os.kill(int(rest), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete temporaries that interrupted writes of ``target`` left beside it.
+
+    Only temporaries whose writer (a process of this host) has ended are touched. A previous
+    complete folder left under its ``.old-`` name by a swap that died halfway is moved back into
+    place when ``target`` itself is missing.
     """
     parent = target.parent
     if not parent.is_dir():
         return
     for stale in sorted(parent.glob(f".{target.name}{OLD_MARKER}*")):
+        if not _writer_is_gone(stale.name, OLD_MARKER):
+            continue
         if not target.exists():
             os.replace(stale, target)
         else:
             shutil.rmtree(stale, ignore_errors=True)
     for stale in parent.glob(f".{target.name}{TEMP_MARKER}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if _writer_is_gone(stale.name, TEMP_MARKER):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -71,7 +98,8 @@ def atomic_folder(
     On an exception the temporary folder is removed and ``target`` is untouched. When ``target``
     exists it is swapped out with two renames; should the process die between them, the old
     folder is left as ``.<name>.old-*`` and :func:`remove_stale_temporaries` (run at the start of
-    every write of the same target) moves it back.
+    every write of the same target) moves it back. Concurrent writers of one target each write
+    their own temporary; the last to finish wins, and none removes another's.
 
     Args:
         target: The folder to create or replace.
@@ -82,7 +110,7 @@ def atomic_folder(
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
-    token = uuid.uuid4().hex[:8]
+    token = _token()
     tmp = target.parent / f".{target.name}{TEMP_MARKER}{token}"
     tmp.mkdir()
     try:
@@ -93,7 +121,11 @@ def atomic_folder(
         if target.exists():
             old = target.parent / f".{target.name}{OLD_MARKER}{token}"
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.replace(old, target)  # put the previous folder back before failing
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
@@ -106,7 +138,7 @@ def atomic_folder(
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}{TEMP_MARKER}{_token()}"
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)

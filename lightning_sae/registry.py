@@ -23,12 +23,20 @@ _ARCHITECTURES: dict[str, str] = {
 }
 
 
-def _key(name: str) -> str:
+def normalize_name(name: str) -> str:
+    """Return ``name`` as lookups compare it: ``"BatchTopK_SAE"`` and ``"batchtopksae"`` match."""
     return name.lower().replace("_", "").replace("-", "")
 
 
 def class_path(cls: type) -> str:
-    """Return the ``"module:QualName"`` path of a class (what checkpoints record)."""
+    """Return the ``"module:QualName"`` path checkpoints record for a class.
+
+    A class of the public API is recorded under ``lightning_sae`` itself, so that moving it
+    between internal files never breaks a checkpoint.
+    """
+    package = importlib.import_module("lightning_sae")
+    if getattr(package, cls.__qualname__, None) is cls:
+        return f"lightning_sae:{cls.__qualname__}"
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
@@ -52,9 +60,9 @@ def register_architecture(name: str, module_class: type | str) -> None:
     """
     path = module_class if isinstance(module_class, str) else class_path(module_class)
     existing = _ARCHITECTURES.get(name)
-    if existing is not None and existing != path:
+    if existing is not None and import_class(existing) is not import_class(path):
         raise ValueError(f"Architecture {name!r} is already registered to {existing}.")
-    _ARCHITECTURES[name] = path
+    _ARCHITECTURES.setdefault(name, path)
 
 
 def available_architectures() -> list[str]:
@@ -71,9 +79,9 @@ def get_module_class(architecture: str) -> type[Any]:
         ValueError: If nothing is registered under that name; the message lists what is.
 
     """
-    key = _key(architecture)
+    key = normalize_name(architecture)
     for name, path in _ARCHITECTURES.items():
-        if key in (_key(name), _key(path.rpartition(":")[2])):
+        if key in (normalize_name(name), normalize_name(path.rpartition(":")[2])):
             return import_class(path)
     known = ", ".join(
         f"{name!r} ({path.rpartition(':')[2]})" for name, path in sorted(_ARCHITECTURES.items())

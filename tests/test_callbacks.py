@@ -13,8 +13,9 @@ from helpers import loader, quiet_trainer
 from lightning import LightningDataModule, LightningModule
 from sae_lens import SAE
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
-from lightning_sae import BatchTopKSAE, SAELensExport, StandardSAE
+from lightning_sae import BatchTopKSAE, MultiSAEModule, SAELensExport, StandardSAE
 
 
 def exported_steps(dirpath: Path) -> list[str]:
@@ -60,20 +61,19 @@ def test_gradient_accumulation_exports_once_per_step(
 
 
 class CalibrationDataModule(LightningDataModule):
-    """A user's DataModule implementing the ExportData protocol (metadata, held-out data)."""
+    """A user's DataModule of one hook written for lightning-sae 0.1: no ``hook_name`` anywhere."""
 
     def __init__(self, activations: torch.Tensor) -> None:
         super().__init__()
-        self.hook_names = ["blocks.0.hook_resid_post"]
         self.activations = activations
 
     def train_dataloader(self):
         return loader(self.activations, batch_size=256)
 
-    def sae_metadata(self, hook_name: str | None = None) -> dict:
+    def sae_metadata(self) -> dict:
         return {"model_name": "tiny", "hook_name": "blocks.0.hook_resid_post", "context_size": 16}
 
-    def sample_activations(self, n_tokens: int, hook_name: str | None = None) -> torch.Tensor:
+    def sample_activations(self, n_tokens: int) -> torch.Tensor:
         return self.activations[-n_tokens:]
 
 
@@ -173,3 +173,23 @@ def test_ddp_two_ranks_export_once_on_rank_zero(tmp_path: Path) -> None:
     assert exported_steps(dirpath) == ["step-000005", "step-000010"]
     assert os.readlink(dirpath / "latest") == "step-000010"
     assert SAE.load_from_disk(dirpath / "latest").cfg.d_in == 16
+
+
+def test_multi_hook_exports_calibrate_each_hook_on_its_own_layer(synthetic_train, tmp_path):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    data = DataLoader([{hook: synthetic_train[i * 256 : (i + 1) * 256] for hook in hooks}
+                       for i in range(4)], batch_size=None)  # fmt: skip
+    module = MultiSAEModule("batchtopk", hooks, d_in=32, d_sae=64, k=4, seed=0)
+    with pytest.raises(ValueError, match="each hook on its own layer"):
+        quiet_trainer(max_steps=1, callbacks=[
+            SAELensExport(tmp_path, calibration_activations=synthetic_train[:512])
+        ]).fit(module, data)  # fmt: skip
+    calibration = {hook: synthetic_train[-512:] * (i + 1) for i, hook in enumerate(hooks)}
+    exporter = SAELensExport(tmp_path / "ok", calibration_activations=calibration)
+    quiet_trainer(max_steps=2, callbacks=[exporter]).fit(module, data)
+    thresholds = []
+    for hook in hooks:
+        sae = SAE.load_from_disk(str(tmp_path / "ok" / "latest" / hook))
+        assert sae.cfg.metadata.hook_name == hook
+        thresholds.append(float(sae.threshold.mean()))
+    assert thresholds[0] != pytest.approx(thresholds[1])  # calibrated on different activations

@@ -259,7 +259,7 @@ def test_metadata_and_calibration_from_the_datamodule(
     quiet_trainer(max_steps=5).fit(module, datamodule=datamodule)
     assert isinstance(datamodule, ExportData)
     path = export_to_sae_lens(module, tmp_path / "sae", calibration_tokens=2048)
-    assert datamodule.requested == [(2048, HOOK)]
+    assert datamodule.requested == [(2048, None)]  # one SAE: the data's own hook
     assert SAE.load_from_disk(path).cfg.metadata.hook_name == HOOK
     meta = json.loads((path / "cfg.json").read_text())["metadata"]
     assert meta["model_name"] == "tiny-model" and meta["prepend_bos"] is True

@@ -37,12 +37,12 @@ def permuted(acts: dict[str, Tensor], key: tuple[int, ...] | None, seed: int) ->
 
 
 def batches(
-    chunks: Iterator[Chunk], batch_size: int, start_batch: int = 0, keep_last: bool = False
+    chunks: Iterator[Chunk], batch_size: int, start_batch: int = 0
 ) -> Iterator[dict[str, Tensor]]:
     """Cut ``chunks`` into batches of ``batch_size`` activations, from batch ``start_batch`` on.
 
-    Skipped chunks are counted, never computed. With ``keep_last`` a final partial batch is
-    yielded too (evaluation); training streams are endless and never end on one.
+    Skipped chunks are counted, never computed; training streams are endless, so no batch is
+    partial.
     """
     skip = start_batch * batch_size
     rest: dict[str, Tensor] | None = None
@@ -59,8 +59,6 @@ def batches(
         for start in range(0, n_full, batch_size):
             yield {h: a[start : start + batch_size] for h, a in acts.items()}
         rest = {h: a[n_full:] for h, a in acts.items()}
-    if keep_last and rest is not None and next(iter(rest.values())).shape[0]:
-        yield rest
 
 
 def take(chunks: Iterator[Chunk], n_tokens: int) -> dict[str, Tensor] | None:

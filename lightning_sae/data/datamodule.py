@@ -67,6 +67,41 @@ class _Batches(IterableDataset):
         )
 
 
+class _HeldOut:
+    """The held-out activations computed so far, extended chunk by chunk as more are asked for.
+
+    Validation, calibration and ``sample_activations`` share them, so the model runs over the
+    held-out documents once per process (a ``ddp_spawn`` pickle starts afresh).
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, Tensor]] = []
+        self.n_tokens = 0
+        self.chunks: Iterator[Any] | None = None
+        self.exhausted = False
+
+    def first(self, source: Any, n_tokens: int) -> dict[str, Tensor]:
+        """Return the first ``n_tokens`` held-out activations per hook (or all there are)."""
+        while self.n_tokens < n_tokens and not self.exhausted:
+            if self.chunks is None:
+                self.chunks = source.holdout_chunks()
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                self.exhausted = True
+                break
+            part = {h: a.cpu() for h, a in chunk.load().items()}
+            self.parts.append(part)
+            self.n_tokens += next(iter(part.values())).shape[0]
+        if not self.parts:
+            return {h: torch.empty(0, d) for h, d in source.d_in_per_hook.items()}
+        if len(self.parts) > 1:
+            self.parts = [{h: torch.cat([p[h] for p in self.parts]) for h in self.parts[0]}]
+        return {h: a[:n_tokens] for h, a in self.parts[0].items()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _HeldOut().__dict__
+
+
 class ActivationDataModule(LightningDataModule):
     """Stream a language model's activations at one or more hooks, or read them from a cache.
 
@@ -158,8 +193,7 @@ class ActivationDataModule(LightningDataModule):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.num_workers, self.val_tokens = num_workers, val_tokens
         self._rank, self._world_size, self._start_batch = 0, 1, 0
-        self._holdout: dict[str, Tensor] | None = None
-        self._holdout_exhausted = False
+        self._holdout = _HeldOut()
         self.source: LiveSource | CacheSource
         if cache_dir is not None:
             if dataset is not None:
@@ -305,7 +339,7 @@ class ActivationDataModule(LightningDataModule):
 
         """
         hook = self._hook(hook_name)
-        acts = self._holdout_activations(n_tokens)[hook]
+        acts = self._holdout.first(self.source, n_tokens)[hook].clone()
         if acts.shape[0] < n_tokens:
             raise ValueError(
                 f"The held-out data gives {acts.shape[0]} tokens, fewer than the {n_tokens} "
@@ -383,31 +417,23 @@ class ActivationDataModule(LightningDataModule):
             yield self._unwrap(batch)
 
     def _holdout_batches(self) -> Iterator[Batch]:
-        held_out = self._holdout_activations(self.val_tokens)
-        n = next(iter(held_out.values())).shape[0]
-        if n == 0:
-            message = (
-                "There are no held-out activations to validate on: raise holdout_documents (or "
-                "write the cache with holdout_tokens > 0)."
-            )
-            fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-            if not fitting:
-                raise ValueError(message)
-            rank_zero_warn(f"{message} Validation during fit is skipped.")
-        for start in range(0, n, self.batch_size):
-            yield self._unwrap({h: a[start : start + self.batch_size] for h, a in held_out.items()})
-
-    def _holdout_activations(self, n_tokens: int) -> dict[str, Tensor]:
-        """Return the first ``n_tokens`` held-out activations per hook (or all there are)."""
-        cached = self._holdout
-        if cached is None or (
-            next(iter(cached.values())).shape[0] < n_tokens and not self._holdout_exhausted
-        ):
-            self._holdout = take(self.source.holdout_chunks(), n_tokens) or {
-                h: torch.empty(0, d) for h, d in self.d_in_per_hook.items()
-            }
-            self._holdout_exhausted = next(iter(self._holdout.values())).shape[0] < n_tokens
-        return {h: a[:n_tokens] for h, a in self._holdout.items()}
+        """Held-out batches, computed as they are asked for (a sanity check runs two)."""
+        for start in range(0, self.val_tokens, self.batch_size):
+            stop = min(start + self.batch_size, self.val_tokens)
+            held_out = self._holdout.first(self.source, stop)
+            n = next(iter(held_out.values())).shape[0]
+            if n == 0:
+                message = (
+                    "There are no held-out activations to validate on: raise holdout_documents "
+                    "(or write the cache with holdout_tokens > 0)."
+                )
+                fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+                if not fitting:
+                    raise ValueError(message)
+                rank_zero_warn(f"{message} Validation during fit is skipped.")
+            if n <= start:
+                return
+            yield self._unwrap({h: a[start:stop] for h, a in held_out.items()})
 
     def _unwrap(self, batch: dict[str, Tensor]) -> Batch:
         return batch[self.hook_names[0]] if len(self.hook_names) == 1 else batch

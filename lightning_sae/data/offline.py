@@ -77,6 +77,9 @@ def smollm2_path() -> Path:
             tokenizer.save_pretrained(tmp)
     except _ConvertedMeanwhile:
         pass  # another process converted it first: keep theirs
+    except OSError:
+        if not (target / "config.json").is_file():  # not another process winning the race
+            raise
     return target
 
 

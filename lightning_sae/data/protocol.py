@@ -12,9 +12,11 @@ from torch import Tensor
 
 @runtime_checkable
 class ExportData(Protocol):
-    """Data facts an sae-lens export records, and held-out activations to calibrate with."""
+    """Data facts an sae-lens export records, and held-out activations to calibrate with.
 
-    hook_names: list[str]
+    The exporter passes ``hook_name`` only for one SAE of several (a ``MultiSAEModule``); a
+    DataModule of one hook may define both methods without it.
+    """
 
     def sae_metadata(self, hook_name: str | None = None) -> dict[str, Any]:
         """sae-lens ``metadata`` fields (model, hook, context size, dataset) for one hook."""

@@ -131,9 +131,9 @@ def export_to_sae_lens(
     _check_target(path, overwrite)
     _check_finite_weights(unit, type(module).__name__)
     merged = _export_metadata(unit, data, hook_name, metadata)
-    sae = _inference_copy(
-        unit, data, merged.get("hook_name"), calibration_activations, calibration_tokens
-    )
+    # Calibrate on the hook this export is for, when one was named (else the data's only one).
+    chosen_hook = hook_name or (metadata or {}).get("hook_name")
+    sae = _inference_copy(unit, data, chosen_hook, calibration_activations, calibration_tokens)
     with atomic_folder(path, check=lambda target: _check_target(target, overwrite)) as tmp:
         sae.save_inference_model(tmp)
         cfg_path = tmp / SAE_CFG_FILENAME
@@ -159,7 +159,16 @@ def attached_data(module: LightningModule) -> ExportData | None:
     """Return the DataModule of ``module``'s trainer if it implements ExportData, else None."""
     trainer = module._trainer
     datamodule = None if trainer is None else trainer.datamodule
-    return datamodule if isinstance(datamodule, ExportData) else None
+    if isinstance(datamodule, ExportData):
+        return datamodule
+    if hasattr(datamodule, "sae_metadata"):
+        warnings.warn(
+            f"{type(datamodule).__name__} has sae_metadata() but no sample_activations(), so it "
+            "is not an ExportData and its metadata is not used: define both (see "
+            "lightning_sae.data.ExportData).",
+            stacklevel=3,
+        )
+    return None
 
 
 def _unit(module: SAEModule | MultiSAEModule, hook_name: str | None) -> tuple[SAEUnit, str | None]:
@@ -223,7 +232,9 @@ def _export_metadata(
         carried["hook_name"] = hook_name
     from_data: dict[str, Any] = {}
     if data is not None:
-        from_data = validate_metadata(data.sae_metadata(hook_name), "the data's sae_metadata()")
+        # Without a hook the call is the one-SAE form (a DataModule may take no hook at all).
+        found = data.sae_metadata() if hook_name is None else data.sae_metadata(hook_name)
+        from_data = validate_metadata(found, "the data's sae_metadata()")
     explicit = validate_metadata(metadata or {}, "metadata")
     return carried | from_data | explicit
 
@@ -279,7 +290,11 @@ def _calibration_activations(
                 "calibration_activations=<tensor [n, d_in] of raw activations>, or data=<an "
                 "ExportData such as ActivationDataModule>, or train with such a DataModule."
             )
-        given = data.sample_activations(n_tokens, hook_name=hook_name)
+        given = (
+            data.sample_activations(n_tokens)
+            if hook_name is None
+            else data.sample_activations(n_tokens, hook_name=hook_name)
+        )
     batches = [given] if isinstance(given, Tensor) else list(given)
     if not batches or not all(isinstance(b, Tensor) and b.ndim == 2 for b in batches):
         raise ValueError(

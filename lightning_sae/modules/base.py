@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE, TrainingSAEConfig
 from torch import Tensor
@@ -22,18 +23,23 @@ from torch import Tensor
 from lightning_sae.modules.checkpoints import (
     CLASS_PATH_KEY,
     check_checkpoint_matches,
+    saved_class,
     upgrade_state_dict,
 )
 from lightning_sae.modules.log import log_density_histogram, log_step_result
 from lightning_sae.modules.normalizer import ActivationNormalizer
-from lightning_sae.modules.statistics import TrainingStatistics, evaluation_metrics
+from lightning_sae.modules.statistics import (
+    TrainingStatistics,
+    evaluation_metrics,
+    keep_metrics_float64,
+)
 from lightning_sae.modules.unit import OptimizerSettings, SAEUnit
 from lightning_sae.optim import adam_with_schedules
 from lightning_sae.registry import (
     available_architectures,
     class_path,
     get_module_class,
-    import_class,
+    normalize_name,
 )
 
 
@@ -151,9 +157,9 @@ class SAEModule(_ArchitectureDispatch):
                 f"{type(self).__name__} got unexpected arguments {sorted(kwargs)}; see "
                 f"help({type(self).__name__}) for the valid ones."
             )
-        if architecture is not None and _key(architecture) not in (
-            _key(self.architecture),
-            _key(type(self).__name__),
+        if architecture is not None and normalize_name(architecture) not in (
+            normalize_name(self.architecture),
+            normalize_name(type(self).__name__),
         ):
             raise ValueError(
                 f"architecture={architecture!r} does not match {type(self).__name__} "
@@ -199,6 +205,11 @@ class SAEModule(_ArchitectureDispatch):
     def hparams_from_sae_config(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
         """Hyper-parameters of this class that an sae-lens config (dict) determines."""
         return {name: cfg[field] for field, name in cls.sae_config_fields.items() if field in cfg}
+
+    @classmethod
+    def structural_view(cls, hp: dict[str, Any]) -> dict[str, Any]:
+        """Return the settings that define this SAE (``structural_hparams``) from ``hp``."""
+        return {name: hp.get(name) for name in cls.structural_hparams}
 
     @classmethod
     def sae_classes(cls) -> tuple[type[TrainingSAE[Any]], type[TrainingSAEConfig]]:
@@ -303,22 +314,7 @@ class SAEModule(_ArchitectureDispatch):
         return self.trainer.log_every_n_steps if self._trainer is not None else 50
 
     def _activations(self, batch: Any) -> Tensor:
-        if isinstance(batch, list | tuple) and len(batch) == 1:
-            batch = batch[0]
-        if not isinstance(batch, Tensor):
-            raise TypeError(
-                f"{type(self).__name__} expects a tensor [batch, d_in] of activations, got "
-                f"{type(batch).__name__}. For several hooks at once use MultiSAEModule."
-            )
-        d_in = self.hparams.d_in
-        if batch.ndim != 2 or batch.shape[-1] != d_in:
-            raise ValueError(
-                f"Expected activations of shape [batch, {d_in}] (d_in), got "
-                f"{tuple(batch.shape)}. Flatten tokens into the batch dimension, or set d_in."
-            )
-        if not batch.is_floating_point():
-            raise TypeError(f"Activations must be a float tensor, got {batch.dtype}.")
-        return batch
+        return self.unit.check_batch(batch, type(self).__name__)
 
     def on_train_start(self) -> None:
         """Start counting the density windows this fit closes."""
@@ -356,42 +352,45 @@ class SAEModule(_ArchitectureDispatch):
         if "sae_metadata" in checkpoint:
             self.sae.cfg.metadata = SAEMetadata(**checkpoint["sae_metadata"])
 
-    @classmethod
+    @_restricted_classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Load a checkpoint into the class that saved it.
 
-        Called on ``SAEModule`` or on a parent of the saving class, it returns the saving class;
-        on an unrelated class it raises ``TypeError``. Lightning checkpoints are pickles: load only
-        files you trust.
+        Called on ``SAEModule`` or on a parent of the saving class, it returns the saving class
+        (a user's subclass when its module is imported, else the library class of the saved
+        architecture); on an unrelated class it raises ``TypeError``. Lightning checkpoints are
+        pickles: load only files you trust.
         """
         checkpoint = load_checkpoint_file(
             checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only")
         )
-        saved = checkpoint.get(CLASS_PATH_KEY)
-        target: type[SAEModule] = cls
-        if saved is not None:
-            saved_cls = import_class(saved)
-            if not issubclass(saved_cls, SAEModule):
-                raise TypeError(f"{checkpoint_path} records {saved}, which is no SAEModule.")
-            if issubclass(saved_cls, cls):
-                target = saved_cls  # the most specific class: the one that wrote it
-            else:
-                raise TypeError(
-                    f"{checkpoint_path} was saved by {saved_cls.__name__}; it cannot be loaded "
-                    f"as {cls.__name__}. Use {saved_cls.__name__}.load_from_checkpoint or "
-                    "SAEModule.load_from_checkpoint."
-                )
-        # Lightning's own implementation, bound to the target class.
+        saved_cls = saved_class(checkpoint)
+        if saved_cls is None:
+            architecture = checkpoint.get("hyper_parameters", {}).get("architecture")
+            saved_cls = get_module_class(architecture) if architecture else cls
+        del checkpoint  # loaded again below by Lightning; never two copies alive
+        if hasattr(checkpoint_path, "seek"):
+            checkpoint_path.seek(0)
+        if not (isinstance(saved_cls, type) and issubclass(saved_cls, SAEModule)):
+            raise TypeError(f"{checkpoint_path} records {saved_cls}, which is no SAEModule.")
+        if not issubclass(saved_cls, cls):
+            raise TypeError(
+                f"{checkpoint_path} was saved by {saved_cls.__name__}; it cannot be loaded as "
+                f"{cls.__name__}. Use {saved_cls.__name__}.load_from_checkpoint or "
+                "SAEModule.load_from_checkpoint."
+            )
+        # Lightning's own implementation, bound to the most specific class: the saving one.
         load = LightningModule.load_from_checkpoint.__func__  # type: ignore[attr-defined]
-        return load(target, checkpoint_path, *args, **kwargs)
+        return load(saved_cls, checkpoint_path, *args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "SAEModule":
+        super()._apply(fn, recurse)
+        keep_metrics_float64(self)  # the val/test metrics live outside the unit
+        return self
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        upgrade_state_dict(state_dict, prefix, self)
+        upgrade_state_dict(state_dict, prefix, prefix + "unit.", self.unit)
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-
-def _key(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
 
 
 def _max_steps(module: LightningModule) -> int | None:

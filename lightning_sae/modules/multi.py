@@ -22,9 +22,13 @@ from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor, nn
 
 from lightning_sae.modules.base import SAEModule
-from lightning_sae.modules.checkpoints import CLASS_PATH_KEY, check_checkpoint_matches
+from lightning_sae.modules.checkpoints import (
+    CLASS_PATH_KEY,
+    check_checkpoint_matches,
+    upgrade_state_dict,
+)
 from lightning_sae.modules.log import log_density_histogram, log_step_result
-from lightning_sae.modules.statistics import evaluation_metrics
+from lightning_sae.modules.statistics import evaluation_metrics, keep_metrics_float64
 from lightning_sae.modules.unit import SAEUnit
 from lightning_sae.optim import adam_with_schedules
 from lightning_sae.registry import class_path, get_module_class
@@ -70,7 +74,11 @@ class MultiSAEModule(LightningModule):
         self.save_hyperparameters(ignore=[] if hook_names is not None else ["hook_names"])
         if hook_names is None:
             if not isinstance(d_in, Mapping):
-                raise ValueError("Pass hook_names, or d_in as {hook_name: width}.")
+                raise ValueError(
+                    "MultiSAEModule trains one SAE per hook of several: pass hook_names, or d_in "
+                    "as {hook_name: width} (the command line links it from a DataModule with "
+                    "several hook_names; for one hook use a single-SAE module such as TopKSAE)."
+                )
             hook_names = list(d_in)
         hook_names = list(hook_names)
         if not hook_names or len(set(hook_names)) != len(hook_names):
@@ -85,29 +93,55 @@ class MultiSAEModule(LightningModule):
         if missing:
             raise ValueError(f"d_in gives no width for hooks {missing}.")
         module_cls = get_module_class(architecture)
-        options = dict(sae_options or {}) | sae_kwargs
-        defaults = module_cls.default_hparams()
-        unknown = sorted(set(options) - set(defaults))
-        if unknown:
-            raise TypeError(
-                f"{module_cls.__name__} has no arguments {unknown}; see "
-                f"help({module_cls.__name__})."
-            )
         #: The architecture's module class: its rules and mappings build every unit.
         self.module_class: type[SAEModule] = module_cls
         self.hook_names = hook_names
         self.units = nn.ModuleDict()
         self.val_metrics = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
+        options = self._sae_options(module_cls, dict(sae_options or {}) | sae_kwargs)
         for hook in hook_names:
-            hparams = defaults | options | dict(per_hook.get(hook, {}))
+            hparams = options | self._sae_options(module_cls, per_hook.get(hook, {}), hook)
             hparams |= {"d_in": d_in_of[hook], "d_sae": d_sae}
-            unknown = sorted(set(hparams) - set(defaults) - {"d_in", "d_sae"})
-            if unknown:
-                raise TypeError(f"per_hook[{hook!r}] has unknown arguments {unknown}.")
             self.units[_key(hook)] = module_cls.build_unit(hparams)
             self.val_metrics[_key(hook)] = evaluation_metrics(d_in_of[hook], f"{hook}/val/")
             self.test_metrics[_key(hook)] = evaluation_metrics(d_in_of[hook], f"{hook}/test/")
+
+    @staticmethod
+    def _sae_options(
+        module_cls: type[SAEModule], options: Mapping[str, Any], hook: str | None = None
+    ) -> dict[str, Any]:
+        """Every SAE argument, defaults filled in (``options`` checked for unknown names)."""
+        defaults = module_cls.default_hparams()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            where = f"per_hook[{hook!r}]" if hook else "The SAE options"
+            raise TypeError(
+                f"{where} name arguments {unknown} that {module_cls.__name__} does not take; see "
+                f"help({module_cls.__name__})."
+            )
+        return defaults | dict(options) if hook is None else dict(options)
+
+    @classmethod
+    def structural_view(cls, hp: dict[str, Any]) -> dict[str, Any]:
+        """Return the settings that define the SAEs (architecture, widths, each hook's k...).
+
+        ``hp`` are this class's hyper-parameters (a checkpoint's, or a config's init args).
+        """
+        module_cls = get_module_class(hp["architecture"])
+        own = {"architecture", "hook_names", "d_in", "d_sae", "per_hook", "sae_options"}
+        extra = {name: value for name, value in hp.items() if name not in own | {"_instantiator"}}
+        options = cls._sae_options(module_cls, dict(hp.get("sae_options") or {}) | extra)
+        view = {
+            "architecture": module_cls.architecture,
+            "d_sae": hp.get("d_sae"),
+            "sae": {n: options.get(n) for n in module_cls.structural_hparams if n != "d_in"},
+        }
+        for hook, overrides in sorted((hp.get("per_hook") or {}).items()):
+            view[f"per_hook[{hook}]"] = {
+                n: overrides[n] for n in module_cls.structural_hparams if n in overrides
+            }
+        return view
 
     def sae_unit(self, hook_name: str) -> SAEUnit:
         """Return the SAE unit trained on ``hook_name``."""
@@ -130,7 +164,10 @@ class MultiSAEModule(LightningModule):
             raise KeyError(
                 f"The batch has no activations for hooks {missing}; it has {list(batch)}."
             )
-        return {hook: batch[hook] for hook in self.hook_names}
+        return {
+            hook: self.sae_unit(hook).check_batch(batch[hook], f"MultiSAEModule[{hook!r}]")
+            for hook in self.hook_names
+        }
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Reconstruct each hook's activations with its own SAE."""
@@ -198,7 +235,19 @@ class MultiSAEModule(LightningModule):
             else:
                 torch.nn.utils.clip_grad_norm_(unit.parameters(), gradient_clip_val)
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints & dtypes
+    def _apply(self, fn: Any, recurse: bool = True) -> "MultiSAEModule":
+        super()._apply(fn, recurse)
+        keep_metrics_float64(self)  # the val/test metrics live outside the units
+        return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for hook, unit in self._units():  # lightning-sae 0.1 kept each SAE under saes.<hook>.
+            upgrade_state_dict(
+                state_dict, f"{prefix}saes.{_key(hook)}.", f"{prefix}units.{_key(hook)}.", unit
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the class and every SAE's metadata, per hook."""
         checkpoint[CLASS_PATH_KEY] = class_path(type(self))

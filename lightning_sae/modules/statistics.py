@@ -10,11 +10,10 @@ checkpoint. Reconstruction metrics and L0 are torchmetrics that sync when comput
 """
 
 import time
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from lightning_sae.distributed import all_reduce_sum, world_size
 from lightning_sae.metrics import (
@@ -24,6 +23,17 @@ from lightning_sae.metrics import (
     NormalizedMSE,
     active_counts,
 )
+
+
+def keep_metrics_float64(module: nn.Module) -> None:
+    """Cast every torchmetrics state under ``module`` back to float64.
+
+    A plain ``.to(bf16)`` (``precision="bf16-true"``) casts metric states and their defaults too,
+    and sums of millions of bf16 terms are wrong.
+    """
+    for child in module.modules():
+        if isinstance(child, Metric):
+            child.set_dtype(torch.float64)
 
 
 def evaluation_metrics(d_in: int, prefix: str) -> MetricCollection:
@@ -47,7 +57,6 @@ class TrainingStatistics(nn.Module):
 
     tokens_since_fired: Tensor
     feature_density: Tensor
-    window_token_count: Tensor
 
     def __init__(self, d_in: int, d_sae: int, dead_window_tokens: int) -> None:
         super().__init__()
@@ -59,14 +68,11 @@ class TrainingStatistics(nn.Module):
         # (checkpointed) state on every rank.
         self.window = FeatureDensity(d_sae, sync_on_compute=False)
         self.window.persistent(True)
-        # The open window's token count, checkpointed; mirrored as a Python int read every step.
-        self.register_buffer("window_token_count", torch.zeros((), dtype=torch.int64))
         self.reconstruction = MetricCollection(
             {"explained_variance": ExplainedVariance(d_in), "nmse": NormalizedMSE(d_in)},
             prefix="train/",
         )
         self.l0 = L0()
-        self.window_tokens = 0
         self.density_published = False
         self._last_logged_step = -1
         self._last_log_time: float | None = None
@@ -89,10 +95,7 @@ class TrainingStatistics(nn.Module):
         self.window.update(active_counts=counts)
         self.l0.update(active_counts=local)
         self.reconstruction.update(sae_in, sae_out)
-        batch_tokens = sae_in.shape[0] * world_size()
-        self.window_tokens += batch_tokens
-        self.window_token_count.fill_(self.window_tokens)
-        self._tokens_since_log += batch_tokens
+        self._tokens_since_log += sae_in.shape[0] * world_size()
 
     def values_to_log(self, step: int, log_every_n_steps: int) -> dict[str, Tensor]:
         """Metrics of the steps since the last logging step, on logging steps (else ``{}``).
@@ -115,19 +118,22 @@ class TrainingStatistics(nn.Module):
         return {name: value.float() for name, value in values.items()}
 
     def close_full_window(self) -> Tensor | None:
-        """Publish the density window once it holds ``dead_window_tokens`` tokens."""
+        """Publish the density window if it holds ``dead_window_tokens`` tokens (a host sync).
+
+        Called on logging steps, so a window closes at the first logging step at or after its
+        last token; its token count is summed over ranks, so every rank closes it together.
+        """
         return self.publish_density() if self.window_tokens >= self.dead_window_tokens else None
+
+    @property
+    def window_tokens(self) -> int:
+        """Tokens, over all ranks, in the open density window (reads the device)."""
+        return int(self.window.tokens)
 
     def publish_density(self) -> Tensor:
         """Copy the window's density to :attr:`feature_density`, start a new window, return it."""
         density = self.window.compute()
         self.window.reset()
-        self.window_tokens = 0
-        self.window_token_count.zero_()
         self.feature_density.copy_(density)
         self.density_published = True
         return density
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        self.window_tokens = int(self.window_token_count)

@@ -13,11 +13,11 @@ import torch
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.util import dtype_to_str
 from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 
 from lightning_sae.distributed import all_reduce_mean
 from lightning_sae.modules.normalizer import ActivationNormalizer
-from lightning_sae.modules.statistics import TrainingStatistics
+from lightning_sae.modules.statistics import TrainingStatistics, keep_metrics_float64
 from lightning_sae.optim import LRSchedule, LRSchedulerName, warm_up_coefficient
 
 
@@ -101,6 +101,28 @@ class SAEUnit(nn.Module):
         return self.decode(self.encode(x)).to(x.dtype)
 
     # ------------------------------------------------------------------ training
+    def check_batch(self, batch: Any, owner: str) -> Tensor:
+        """Return ``batch`` as a ``[batch, d_in]`` float tensor, or raise naming the fix.
+
+        A one-element tuple/list (what a ``TensorDataset`` yields) is unwrapped.
+        """
+        if isinstance(batch, list | tuple) and len(batch) == 1:
+            batch = batch[0]
+        if not isinstance(batch, Tensor):
+            raise TypeError(
+                f"{owner} expects a tensor [batch, d_in] of activations, got "
+                f"{type(batch).__name__}. For several hooks at once use MultiSAEModule."
+            )
+        d_in = self.normalizer.d_in
+        if batch.ndim != 2 or batch.shape[-1] != d_in:
+            raise ValueError(
+                f"{owner} expects activations of shape [batch, {d_in}] (d_in), got "
+                f"{tuple(batch.shape)}. Flatten tokens into the batch dimension, or set d_in."
+            )
+        if not batch.is_floating_point():
+            raise TypeError(f"{owner} needs float activations, got {batch.dtype}.")
+        return batch
+
     def mark_restored(self) -> None:
         """Treat the weights and scale as trained: never re-estimate or re-initialise them."""
         self.normalizer.pending = False
@@ -142,12 +164,13 @@ class SAEUnit(nn.Module):
             setattr(self.sae, name, all_reduce_mean(getattr(self.sae, name)))
         statistics = self.statistics
         statistics.update(output.sae_in, output.sae_out, output.feature_acts)
+        metrics = statistics.values_to_log(step, log_every_n_steps)
         return StepResult(
             loss=output.loss,
             losses={"train/loss": output.loss.detach()}
             | {f"train/{name}": value.detach() for name, value in output.losses.items()},
-            metrics=statistics.values_to_log(step, log_every_n_steps),
-            density=statistics.close_full_window(),
+            metrics=metrics,
+            density=statistics.close_full_window() if metrics else None,
         )
 
     def evaluate(self, x: Tensor, metrics: MetricCollection) -> None:
@@ -205,10 +228,7 @@ class SAEUnit(nn.Module):
                 tensor.data = tensor.data.to(dtype)
             else:
                 owner._buffers[name] = tensor.to(dtype)
-        for module in self.modules():
-            if isinstance(module, Metric):
-                # A plain .to(bf16) (bf16-true) casts metric states and their defaults too.
-                module.set_dtype(torch.float64)
+        keep_metrics_float64(self)
         sae = self.sae
         sae.dtype = sae.W_enc.dtype
         sae.device = sae.W_enc.device

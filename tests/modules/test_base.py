@@ -142,6 +142,7 @@ def test_bf16_keeps_thresholds_in_full_precision(precision, synthetic_train):
         assert statistics.l0.tokens.dtype == torch.float64  # metric states stay exact
         assert statistics.reconstruction["explained_variance"].sum_x.dtype == torch.float64
         assert statistics.window.counts.dtype == torch.float64
+        assert module.val_metrics["val/l0"].tokens.dtype == torch.float64
         expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
         assert module.sae.W_enc.dtype == expected
         assert module.sae.cfg.dtype == str(expected).removeprefix("torch.")
