@@ -35,3 +35,12 @@ def any_rank(flags: Tensor) -> Tensor:
     if world_size() == 1:
         return flags
     return all_reduce_sum(flags.to(torch.int32)) > 0
+
+
+def all_reduce_min(tensor: Tensor) -> Tensor:
+    """Element-wise minimum of ``tensor`` over ranks (a new tensor; the input is not modified)."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out

@@ -109,7 +109,9 @@ class MultiSAEModule(LightningModule):
             unknown = sorted(set(hparams) - set(defaults) - {"d_in", "d_sae"})
             if unknown:
                 raise TypeError(f"per_hook[{hook!r}] has unknown arguments {unknown}.")
-            self.units[_key(hook)] = module_cls.build_unit(hparams)
+            unit = module_cls.build_unit(hparams)
+            unit.label = f"The SAE of hook {hook!r}"
+            self.units[_key(hook)] = unit
             self.val_metrics[_key(hook)] = evaluation_metrics(d_in_of[hook], f"{hook}/val/")
             self.test_metrics[_key(hook)] = evaluation_metrics(d_in_of[hook], f"{hook}/test/")
 
@@ -201,7 +203,14 @@ class MultiSAEModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the class and every SAE's metadata, per hook."""
+        """Record the class and every SAE's metadata, per hook.
+
+        Raises:
+            FloatingPointError: An SAE went NaN/inf: the checkpoint is not written.
+
+        """
+        for _, unit in self._units():
+            unit.raise_if_not_finite()
         checkpoint[CLASS_PATH_KEY] = class_path(type(self))
         checkpoint["sae_metadata"] = {
             hook: unit.sae.cfg.metadata.to_dict() for hook, unit in self._units()
