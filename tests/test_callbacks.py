@@ -196,7 +196,9 @@ def test_too_few_calibration_tokens_stop_the_fit_at_its_start(
     module = BatchTopKSAE(d_in=32, d_sae=64, k=4, seed=0)
     callback = SAELensExport(tmp_path, every_n_steps=5)  # draws 16,384 tokens by default
     trainer = quiet_trainer(max_steps=10, callbacks=[callback])
-    with pytest.raises(ConfigurationError, match="gave \\(1024, 32\\), not \\[16384, d_in\\]") as info:
+    with pytest.raises(
+        ConfigurationError, match="gave \\(1024, 32\\), not \\[16384, d_in\\]"
+    ) as info:
         trainer.fit(module, datamodule=CalibrationDataModule(synthetic_train[:1024]))
     assert "calibration_tokens is 16384: lower it" in str(info.value)
     assert trainer.global_step == 0

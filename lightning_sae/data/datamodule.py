@@ -423,7 +423,7 @@ def _check_run_ends(trainer: Trainer) -> None:
         isinstance(callback, Timer) and callback.time_remaining() is not None
         for callback in trainer.callbacks
     )
-    if not (trainer.max_steps and trainer.max_steps > 0) and not timed:
+    if (trainer.max_steps is None or trainer.max_steps < 0) and not timed:
         raise ConfigurationError(
             f"Trainer max_steps={trainer.max_steps}: the activation stream is endless (one "
             "epoch never ends), so this run would train forever. Set Trainer(max_steps=N) "

@@ -272,9 +272,7 @@ def check_calibration(
     for hook in hooks:
         unit, _ = _unit(module, hook)
         if needs_calibration(unit):
-            _calibration_activations(
-                unit, data, hook, calibration_activations, calibration_tokens
-            )
+            _calibration_activations(unit, data, hook, calibration_activations, calibration_tokens)
 
 
 def _calibration_activations(

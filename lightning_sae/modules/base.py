@@ -15,12 +15,13 @@ from typing import Any, ClassVar
 
 import torch
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE, TrainingSAEConfig
 from torch import Tensor
 
+from lightning_sae.io import AtomicCheckpoints, read_checkpoint
 from lightning_sae.metrics import log10_feature_density
 from lightning_sae.modules.normalizer import ActivationNormalizer
 from lightning_sae.modules.statistics import TrainingStatistics, evaluation_metrics
@@ -342,6 +343,10 @@ class SAEModule(_ArchitectureDispatch):
         return adam_with_schedules([self.unit], _max_steps(self))
 
     # ------------------------------------------------------------------ checkpoints
+    def configure_callbacks(self) -> list[Callback]:
+        """Callbacks the module owns: atomic checkpoint writes (:class:`AtomicCheckpoints`)."""
+        return [AtomicCheckpoints()]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the class and the SAE's metadata (model, hook, dataset; e.g. of a release).
 
@@ -376,8 +381,11 @@ class SAEModule(_ArchitectureDispatch):
         on an unrelated class it raises ``TypeError``. Lightning checkpoints are pickles: load only
         files you trust.
         """
-        checkpoint = load_checkpoint_file(
-            checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only")
+        checkpoint = read_checkpoint(
+            checkpoint_path,
+            lambda: load_checkpoint_file(
+                checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only")
+            ),
         )
         saved = checkpoint.get(CLASS_PATH_KEY)
         target: type[SAEModule] = cls

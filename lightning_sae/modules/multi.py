@@ -202,6 +202,8 @@ class MultiSAEModule(LightningModule):
                 torch.nn.utils.clip_grad_norm_(unit.parameters(), gradient_clip_val)
 
     # ------------------------------------------------------------------ checkpoints
+    configure_callbacks = SAEModule.configure_callbacks
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the class and every SAE's metadata, per hook.
 

@@ -20,7 +20,6 @@ from lightning_sae.modules.normalizer import ActivationNormalizer
 from lightning_sae.modules.statistics import TrainingStatistics
 from lightning_sae.optim import LRSchedule, LRSchedulerName, warm_up_coefficient
 
-
 #: ``SAEUnit.first_nonfinite_step`` of a run that has seen no NaN/inf.
 NOT_SEEN = torch.iinfo(torch.int64).max
 
@@ -101,11 +100,13 @@ class SAEUnit(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def encode(self, x: Tensor) -> Tensor:
-        """Latents of raw activations ``x``."""
+        """Latents of raw activations ``x`` ``[..., d_in]``."""
+        _check_width(x, self.normalizer.d_in, "activations", "d_in")
         return self.sae.encode(self.normalizer(x))
 
     def decode(self, feature_acts: Tensor) -> Tensor:
-        """Reconstruction, in raw units, of latents ``feature_acts``."""
+        """Reconstruction, in raw units, of latents ``feature_acts`` ``[..., d_sae]``."""
+        _check_width(feature_acts, self.sae.cfg.d_sae, "latents", "d_sae")
         return self.normalizer.inverse(self.sae.decode(feature_acts))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -284,3 +285,13 @@ class SAEUnit(nn.Module):
         sae.cfg.device = str(sae.device)
         return self
 
+
+def _check_width(x: Tensor, width: int, what: str, name: str) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1:
+        got = f"{x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"Expected a float tensor of {what} [..., {width}], got a {got}.")
+    if x.shape[-1] != width:
+        raise ValueError(
+            f"Expected {what} of shape [..., {width}] ({name} of this SAE), got "
+            f"{tuple(x.shape)}: pass {what} of the width the SAE was built for."
+        )

@@ -125,7 +125,9 @@ def test_a_restored_checkpoint_clears_the_record(tmp_path, synthetic_train):
     with pytest.raises(FloatingPointError):
         quiet_trainer(max_steps=4).fit(module, loader(x))
     # The same module object resumes from the good checkpoint and trains on.
-    quiet_trainer(max_steps=4).fit(module, loader(synthetic_train[:2048]), ckpt_path=tmp_path / "good.ckpt")
+    quiet_trainer(max_steps=4).fit(
+        module, loader(synthetic_train[:2048]), ckpt_path=tmp_path / "good.ckpt"
+    )
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
