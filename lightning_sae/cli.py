@@ -166,11 +166,18 @@ class SAECLI(LightningCLI):
                 self.parser.error(f"{where}: class_path {path!r} {error}")
 
     def instantiate_classes(self) -> None:
-        """Build the DataModule, module and Trainer; report invalid values as a usage error."""
+        """Build the DataModule, module and Trainer; report invalid values as a usage error.
+
+        jsonargparse wraps what a constructor raised in its own ``ValueError``; the constructor's
+        own error (``k`` above ``d_sae``, a missing cache folder) is the one reported.
+        """
         try:
             super().instantiate_classes()
         except ValueError as error:
-            self.parser.error(f"{type(error).__name__}: {error}")
+            cause: BaseException = error
+            while cause.__cause__ is not None or cause.__context__ is not None:
+                cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+            self.parser.error(f"{type(cause).__name__}: {cause}")
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run ``fit``/``validate``/...; settings the run contradicts are a usage error."""

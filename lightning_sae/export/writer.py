@@ -311,5 +311,8 @@ def _calibration_activations(
             f"{activations.dtype} {tuple(activations.shape)}."
         )
     if not torch.isfinite(activations).all():
-        raise ValueError("calibration_activations hold NaN or inf values.")
+        raise ValueError(
+            "calibration_activations hold NaN or inf values: pass finite held-out activations "
+            "of the hook the SAE was trained on."
+        )
     return activations
