@@ -115,10 +115,10 @@ class SAECLI(LightningCLI):
         asked = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            try:
+            try:  # memory-mapped: tensors are not read, only the file's structure
                 read_checkpoint(
                     ckpt_path,
-                    lambda: torch.load(ckpt_path, weights_only=True, map_location="cpu"),
+                    lambda: torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True),
                 )
             except (OSError, ValueError) as error:
                 self.parser.error(f"--ckpt_path: {error}")
