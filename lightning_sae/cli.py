@@ -22,8 +22,9 @@ callbacks such as :class:`~lightning_sae.SAELensExport` under ``trainer.callback
 parameter's type is ``Any`` (``data.init_args.dataset``) it would call any importable function
 with the config's arguments (``os.system`` included). Before anything is built, every
 ``class_path`` in the config must name a Lightning component class (a ``LightningModule``,
-``LightningDataModule``, callback, logger, strategy, accelerator, plugin, profiler) or a
-function of :data:`CONFIG_FUNCTIONS`; anything else is a usage error.
+``LightningDataModule``, callback, logger, strategy, accelerator, plugin, profiler), a function
+of :data:`CONFIG_FUNCTIONS`, or, as the DataModule's ``model``, a ``torch.nn.Module`` (a
+transformer-lens model built from its config); anything else is a usage error.
 """
 
 import copy
@@ -64,6 +65,8 @@ CONFIG_CLASSES = (
     LayerSync,
     Profiler,
 )
+#: Where a config may also build a ``torch.nn.Module``: the DataModule's language model.
+MODULE_POSITIONS = ("data.init_args.model",)
 
 
 class SAEArgumentParser(LightningArgumentParser):
@@ -161,7 +164,7 @@ class SAECLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Refuse a config whose ``class_path`` s name anything but Lightning components."""
         for where, path in _class_paths(self.config):
-            error = _refused_class_path(path)
+            error = _refused_class_path(path, where)
             if error:
                 self.parser.error(f"{where}: class_path {path!r} {error}")
 
@@ -203,12 +206,15 @@ def _class_paths(node: Any, where: str = "config") -> list[tuple[str, str]]:
     return found
 
 
-def _refused_class_path(path: str) -> str | None:
-    """Why a config may not name ``path`` (``None``: it may)."""
+def _refused_class_path(path: str, where: str) -> str | None:
+    """Why a config may not name ``path`` at ``where`` (``None``: it may)."""
     if path in CONFIG_FUNCTIONS:
         return None
     target = _import_dotted(path)
-    if isinstance(target, type) and issubclass(target, CONFIG_CLASSES):
+    allowed = CONFIG_CLASSES
+    if where.endswith(MODULE_POSITIONS):
+        allowed = (*allowed, torch.nn.Module)
+    if isinstance(target, type) and issubclass(target, allowed):
         return None
     names = ", ".join(cls.__name__ for cls in CONFIG_CLASSES)
     return (

@@ -93,10 +93,9 @@ class SAEUnit(nn.Module):
         #: Names this SAE in error messages (a MultiSAEModule adds its hook).
         self.label = "The SAE"
         #: First global step whose [batch, loss] held NaN/inf (``NOT_SEEN`` if none). Written on
-        #: the device every step without a sync; read only by :meth:`raise_if_not_finite`.
-        self.register_buffer(
-            "first_nonfinite_step", torch.full((2,), NOT_SEEN, dtype=torch.int64), persistent=False
-        )
+        #: the device every step without a sync; read only by :meth:`raise_if_not_finite`. Not a
+        #: buffer: DDP would overwrite every rank's record with rank 0's before each forward.
+        self.first_nonfinite_step = torch.full((2,), NOT_SEEN, dtype=torch.int64)
 
     # ------------------------------------------------------------------ inference
     def encode(self, x: Tensor) -> Tensor:
@@ -258,12 +257,13 @@ class SAEUnit(nn.Module):
 
     # ------------------------------------------------------------------ dtypes
     def _apply(self, fn: Any, recurse: bool = True) -> "SAEUnit":
-        """Move/cast like any module, but keep thresholds in full precision and resync the SAE.
+        """Move/cast like any module (the NaN/inf record too), keep thresholds in full precision.
 
         Lightning moves and casts the parent module, so the SAE's ``device``/``dtype`` attributes
         (read by sae-lens's ``process_sae_in``) would otherwise go stale.
         """
         super()._apply(fn, recurse)
+        self.first_nonfinite_step = fn(self.first_nonfinite_step)
         for dotted, dtype in self._full_precision.items():
             owner_name, _, name = dotted.rpartition(".")
             owner = self.get_submodule(owner_name)

@@ -149,3 +149,62 @@ def test_full_disk_during_checkpointing_leaves_only_whole_checkpoints(tmp_path: 
     assert len(report["files"]) >= 2, report  # several checkpoints fitted before the disk filled
     assert all(report["files"].values()), report  # each loads: no truncated file beside them
     assert not [name for name in report["files"] if name.startswith(".")], report
+
+
+DDP_NAN_SCRIPT = """
+from datetime import timedelta
+
+import torch
+from lightning import Callback, Trainer
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sae import TopKSAE
+
+
+class NaNOnRankOne(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            batch[0][0, 0] = float("nan")
+
+
+torch.manual_seed(0)
+trainer = Trainer(
+    accelerator="cpu",
+    devices=2,
+    strategy=DDPStrategy(timeout=timedelta(seconds=60)),
+    max_steps=8,
+    log_every_n_steps=2,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    callbacks=[NaNOnRankOne()],
+)
+try:
+    trainer.fit(TopKSAE(16, 32, k=4, seed=0), DataLoader(TensorDataset(torch.randn(4096, 16)), 64))
+except FloatingPointError as error:
+    print(f"RANK {trainer.global_rank} STOPPED AT {trainer.global_step}: {error}", flush=True)
+    raise
+"""
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_every_rank_on_the_same_step(tmp_path: Path):
+    """The device-side record is reduced over ranks on logging steps: no rank trains on alone."""
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(DDP_NAN_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0
+    for rank in (0, 1):
+        # Found on logging step 3 (log_every_n_steps=2), naming the bad step of rank 1.
+        assert f"RANK {rank} STOPPED AT 3: The SAE: the training batch of global step 2" in (
+            result.stdout
+        ), result.stdout + result.stderr[-3000:]
