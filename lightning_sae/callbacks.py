@@ -72,11 +72,13 @@ class SAELensExport(Callback):
         calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
         keep_last_n: int | None = 3,
     ) -> None:
-        for name, value in (("every_n_steps", every_n_steps), ("keep_last_n", keep_last_n)):
+        for name, value in (
+            ("every_n_steps", every_n_steps),
+            ("keep_last_n", keep_last_n),
+            ("calibration_tokens", calibration_tokens),
+        ):
             if value is not None and (isinstance(value, bool) or value <= 0):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
-        if isinstance(calibration_tokens, bool) or calibration_tokens <= 0:
-            raise ValueError(f"calibration_tokens must be positive, got {calibration_tokens!r}.")
+                raise ValueError(f"{name} must be positive (an int, or None), got {value!r}.")
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.every_n_steps = every_n_steps
         self.metadata = dict(metadata or {})

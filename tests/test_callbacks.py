@@ -120,9 +120,10 @@ def test_default_folder_and_bad_arguments(tmp_path: Path) -> None:
     assert callback.dirpath == tmp_path / "sae_lens"
     with pytest.raises(TypeError, match="lightning_sae SAE modules"):
         callback.setup(trainer, LightningModule(), "fit")  # type: ignore[arg-type]
-    for bad in (0, -3, True):
-        with pytest.raises(ValueError, match="every_n_steps"):
-            SAELensExport(every_n_steps=bad)
+    for name in ("every_n_steps", "keep_last_n", "calibration_tokens"):
+        for bad in (0, -3, True):
+            with pytest.raises(ValueError, match=f"{name} must be positive"):
+                SAELensExport(**{name: bad})
 
 
 DDP_SCRIPT = """

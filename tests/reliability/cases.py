@@ -729,7 +729,7 @@ def _cases() -> list[Case]:
             lambda w, t: SAELensExport(t, every_n_steps=0),
             "ValueError",
             ("every_n_steps", "0"),
-            "positive int or None",
+            "must be positive (an int, or None)",
         ),
         C(
             "export-callback-too-few-holdout",
