@@ -6,6 +6,8 @@
 """
 
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -14,8 +16,15 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from lightning_sae.data.protocol import ExportData
+from lightning_sae.errors import ConfigurationError
 from lightning_sae.export import DEFAULT_CALIBRATION_TOKENS, export_to_sae_lens
+from lightning_sae.export.writer import check_calibration
+from lightning_sae.io import OLD_MARKER, TEMP_MARKER, remove_stale_temporaries
 from lightning_sae.modules import MultiSAEModule, SAEModule
+
+#: Names of the export folders ``SAELensExport`` writes (and may delete past ``keep_last_n``).
+STEP_FOLDER = re.compile(r"step-(\d{6,})")
 
 
 class SAELensExport(Callback):
@@ -32,6 +41,13 @@ class SAELensExport(Callback):
     The final export runs in ``on_fit_end``, after the module's ``on_train_end`` has published the
     feature density of a window still open, so ``sparsity.safetensors`` covers the end of training.
 
+    Disk use is bounded: after each export only the newest ``keep_last_n`` ``step-*`` folders are
+    kept (the one just written always among them). Each old folder is renamed to a hidden
+    temporary name before it is deleted, so an interrupted clean-up never leaves a partial export.
+
+    At the start of fit (rank 0), a BatchTopK module's calibration data is drawn once, so data too
+    small for ``calibration_tokens`` stops the run there rather than at its first export.
+
     Args:
         dirpath: Folder of the exports; ``None`` uses ``<trainer.default_root_dir>/sae_lens``.
         every_n_steps: Also export every this many optimisation steps (``None``: only at the end).
@@ -41,6 +57,7 @@ class SAELensExport(Callback):
             own layer); ``None`` draws ``calibration_tokens`` from the DataModule's
             ``sample_activations``.
         calibration_tokens: Tokens drawn from the DataModule per BatchTopK export.
+        keep_last_n: Export folders to keep (``None``: all of them, unbounded).
 
     """
 
@@ -55,9 +72,15 @@ class SAELensExport(Callback):
         *,
         calibration_activations: Tensor | Iterable[Tensor] | Mapping[str, Tensor] | None = None,
         calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+        keep_last_n: int | None = 3,
     ) -> None:
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps <= 0):
-            raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps}.")
+        for name, value in (
+            ("every_n_steps", every_n_steps),
+            ("keep_last_n", keep_last_n),
+            ("calibration_tokens", calibration_tokens),
+        ):
+            if value is not None and (isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be positive (an int, or None), got {value!r}.")
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.every_n_steps = every_n_steps
         self.metadata = dict(metadata or {})
@@ -70,6 +93,7 @@ class SAELensExport(Callback):
             else list(calibration_activations)
         )
         self.calibration_tokens = calibration_tokens
+        self.keep_last_n = keep_last_n
         self._last_step: int | None = None
 
     def _calibration_for(self, hook: str | None) -> Any:
@@ -84,7 +108,13 @@ class SAELensExport(Callback):
         return given
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Check the module type and resolve the export folder."""
+        """Check the module type and the calibration data; resolve the export folder.
+
+        Raises:
+            ConfigurationError: A BatchTopK export could not be calibrated (too few held-out
+                tokens for ``calibration_tokens``, or none at all).
+
+        """
         if not isinstance(pl_module, SAEModule | MultiSAEModule):
             raise TypeError(
                 "SAELensExport exports lightning_sae SAE modules (SAEModule, MultiSAEModule), got "
@@ -105,6 +135,19 @@ class SAELensExport(Callback):
             )
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "sae_lens"
+        if stage == "fit" and trainer.is_global_zero:
+            data = trainer.datamodule if isinstance(trainer.datamodule, ExportData) else None
+            try:
+                check_calibration(
+                    pl_module, data, self.calibration_activations, self.calibration_tokens
+                )
+            except ValueError as error:
+                raise ConfigurationError(
+                    f"SAELensExport cannot calibrate the BatchTopK threshold of its exports: "
+                    f"{error} SAELensExport's calibration_tokens is {self.calibration_tokens}: "
+                    "lower it (--trainer.callbacks.calibration_tokens N on the command line) or "
+                    "pass calibration_activations."
+                ) from error
 
     def on_train_batch_end(
         self,
@@ -149,7 +192,30 @@ class SAELensExport(Callback):
                 calibration_activations=self._calibration_for(hook),
                 calibration_tokens=self.calibration_tokens,
             )
-        link = self.dirpath / f".{self.latest_name}.tmp-{uuid.uuid4().hex[:8]}"
+        link = self.dirpath / f".{self.latest_name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}"
         os.symlink(path.name, link, target_is_directory=True)
         os.replace(link, self.dirpath / self.latest_name)
+        self._remove_old_exports(path)
         return path
+
+    def _remove_old_exports(self, newest: Path) -> None:
+        """Delete ``step-*`` folders beyond the newest ``keep_last_n`` (``newest`` always kept)."""
+        assert self.dirpath is not None
+        # What an interrupted export, swap or deletion of another step left behind.
+        for hidden in self.dirpath.glob(".step-*"):
+            name = re.split(f"{re.escape(TEMP_MARKER)}|{re.escape(OLD_MARKER)}", hidden.name)[0]
+            remove_stale_temporaries(self.dirpath / name[1:])
+        if self.keep_last_n is None:
+            return
+        others = sorted(
+            (p for p in self.dirpath.iterdir() if _is_step_folder(p) and p != newest),
+            key=lambda p: int(p.name.removeprefix("step-")),
+        )
+        for old in others[: max(0, len(others) - (self.keep_last_n - 1))]:
+            doomed = old.with_name(f".{old.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _is_step_folder(path: Path) -> bool:
+    return STEP_FOLDER.fullmatch(path.name) is not None and path.is_dir() and not path.is_symlink()

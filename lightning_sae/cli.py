@@ -17,18 +17,56 @@ several hooks) is read from the DataModule, so configs never repeat it.
 Everything else is Lightning's: ``fit``/``validate``/``test`` subcommands, ``--print_config``, the
 resolved config saved as ``config.yaml`` in the logger's folder (``SaveConfigCallback``), and
 callbacks such as :class:`~lightning_sae.SAELensExport` under ``trainer.callbacks`` in YAML.
+
+**What a config may run.** jsonargparse instantiates any ``class_path`` it meets, and where a
+parameter's type is ``Any`` (``data.init_args.dataset``) it would call any importable function
+with the config's arguments (``os.system`` included). Before anything is built, every
+``class_path`` in the config must name a Lightning component class (a ``LightningModule``,
+``LightningDataModule``, callback, logger, strategy, accelerator, plugin, profiler), a function
+of :data:`CONFIG_FUNCTIONS`, or, as the DataModule's ``model``, a ``torch.nn.Module`` (a
+transformer-lens model built from its config); anything else is a usage error.
 """
 
 import copy
+import importlib
 import warnings
 from typing import Any, NoReturn
 
+import torch
 from jsonargparse import Namespace
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins import LayerSync, Precision
+from lightning.pytorch.profilers import Profiler
+from lightning.pytorch.strategies import Strategy
 
 import lightning_sae.modules  # noqa: F401  (imports every module class for --model NAME)
 from lightning_sae.data import ActivationDataModule
+from lightning_sae.errors import ConfigurationError
+from lightning_sae.io import read_checkpoint
 from lightning_sae.registry import available_architectures, get_module_class, import_class
+
+#: Functions a config may name as a ``class_path`` (they return data): the offline documents.
+CONFIG_FUNCTIONS = frozenset({"lightning_sae.data.shakespeare_documents"})
+#: Classes a config's ``class_path`` may name (and their subclasses): Lightning's components.
+CONFIG_CLASSES = (
+    LightningModule,
+    LightningDataModule,
+    Callback,
+    Logger,
+    Strategy,
+    Accelerator,
+    Precision,
+    CheckpointIO,
+    ClusterEnvironment,
+    LayerSync,
+    Profiler,
+)
+#: Where a config may also build a ``torch.nn.Module``: the DataModule's language model.
+MODULE_POSITIONS = ("data.init_args.model",)
 
 
 class SAEArgumentParser(LightningArgumentParser):
@@ -74,9 +112,19 @@ class SAECLI(LightningCLI):
         Lightning lets the checkpoint's model silently replace the one asked for (another
         ``--model``, another ``k``); here a different class or SAE-defining setting is a usage
         error, and other differences (learning rate...) are reported as the checkpoint's values.
+        A path that is missing or not a checkpoint is a usage error too.
         """
         subcommand = self.config.get("subcommand")
         asked = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            try:  # memory-mapped: tensors are not read, only the file's structure
+                read_checkpoint(
+                    ckpt_path,
+                    lambda: torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True),
+                )
+            except (OSError, ValueError) as error:
+                self.parser.error(f"--ckpt_path: {error}")
         super()._parse_ckpt_path()
         used = self.config[subcommand].get("model") if subcommand else None
         if asked is None or used is None or asked == used:
@@ -115,11 +163,32 @@ class SAECLI(LightningCLI):
                 stacklevel=2,
             )
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse a config whose ``class_path`` s name anything but Lightning components."""
+        for where, path in _class_paths(self.config):
+            error = _refused_class_path(path, where)
+            if error:
+                self.parser.error(f"{where}: class_path {path!r} {error}")
+
     def instantiate_classes(self) -> None:
-        """Build the DataModule, module and Trainer; report invalid values as a usage error."""
+        """Build the DataModule, module and Trainer; report invalid values as a usage error.
+
+        jsonargparse wraps what a constructor raised in its own ``ValueError``; the constructor's
+        own error (``k`` above ``d_sae``, a missing cache folder) is the one reported.
+        """
         try:
             super().instantiate_classes()
         except ValueError as error:
+            cause: BaseException = error
+            while cause.__cause__ is not None or cause.__context__ is not None:
+                cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+            self.parser.error(f"{type(cause).__name__}: {cause}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``fit``/``validate``/...; settings the run contradicts are a usage error."""
+        try:
+            super()._run_subcommand(subcommand)
+        except ConfigurationError as error:
             self.parser.error(f"{type(error).__name__}: {error}")
 
 
@@ -130,6 +199,53 @@ def _class_of(model_config: Any) -> type | None:
         return import_class(f"{module_name}:{name}")
     except (ImportError, AttributeError, TypeError):
         return None
+
+
+def _class_paths(node: Any, where: str = "config") -> list[tuple[str, str]]:
+    """Every ``(location, class_path)`` in a parsed config, however deep."""
+    if isinstance(node, Namespace):
+        node = node.as_dict()
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        if isinstance(node.get("class_path"), str):
+            found.append((where, node["class_path"]))
+        for key, value in node.items():
+            found += _class_paths(value, f"{where}.{key}" if where != "config" else str(key))
+    elif isinstance(node, list | tuple):
+        for index, value in enumerate(node):
+            found += _class_paths(value, f"{where}[{index}]")
+    return found
+
+
+def _refused_class_path(path: str, where: str) -> str | None:
+    """Why a config may not name ``path`` at ``where`` (``None``: it may)."""
+    if path in CONFIG_FUNCTIONS:
+        return None
+    target = _import_dotted(path)
+    allowed = CONFIG_CLASSES
+    if where.endswith(MODULE_POSITIONS):
+        allowed = (*allowed, torch.nn.Module)
+    if isinstance(target, type) and issubclass(target, allowed):
+        return None
+    names = ", ".join(cls.__name__ for cls in CONFIG_CLASSES)
+    return (
+        f"is not allowed: a config may only build Lightning components ({names}) or call "
+        f"{sorted(CONFIG_FUNCTIONS)}. Give data as a dataset name, a path or a .txt/.jsonl file."
+    )
+
+
+def _import_dotted(path: str) -> Any:
+    """Return the object at dotted ``path`` (``None`` if it does not import)."""
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            target: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for name in parts[split:]:
+            target = getattr(target, name, None)
+        return target
+    return None
 
 
 def _init_args(model_config: Any) -> dict[str, Any]:

@@ -27,3 +27,12 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     """Mean of ``tensor`` over ranks, computed in the tensor's dtype (float64 stays float64)."""
     size = world_size()
     return tensor if size == 1 else all_reduce_sum(tensor) / size
+
+
+def all_reduce_min(tensor: Tensor) -> Tensor:
+    """Element-wise minimum of ``tensor`` over ranks (a new tensor; the input is not modified)."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out

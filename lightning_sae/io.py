@@ -1,8 +1,10 @@
 """The one way lightning-sae writes something a user relies on: atomically.
 
-Exports, activation caches and the converted offline model are folders. Each is written under a
-hidden temporary name beside its target and renamed into place, so a crash, a kill or a full disk
-leaves the previous complete folder (or none), never a half-written one.
+Exports, activation caches and the converted offline model are folders; Lightning checkpoints
+and small text files are files. Each is written under a hidden temporary name beside its target,
+flushed to disk and renamed into place, so a crash, a kill or a full disk leaves the previous
+complete copy (or none), never a half-written one. Temporaries an interrupted write left behind
+are removed by the next write of the same target.
 
 >>> import tempfile
 >>> from pathlib import Path
@@ -20,6 +22,13 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 #: Prefix of every temporary name this module creates (``.<name>.tmp-<token>``).
 TEMP_MARKER = ".tmp-"
@@ -86,7 +95,14 @@ def remove_stale_temporaries(target: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     for stale in parent.glob(f".{target.name}{TEMP_MARKER}*"):
         if _writer_is_gone(stale.name, TEMP_MARKER):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -135,15 +151,118 @@ def atomic_folder(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Yield a binary file opened beside ``path``; on success it replaces ``path``.
+
+    The bytes reach the disk (``fsync``) before the rename. On an exception (a full disk
+    included) the temporary file is removed and ``path`` is untouched.
+    """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.parent / f".{path.name}{TEMP_MARKER}{_token()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(tmp, "wb") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
+    with atomic_file(path) as handle:
+        handle.write(text.encode("utf-8"))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoints (``torch.save``), written atomically on local disks.
+
+    Lightning's own writer serialises to memory, writes to the system temporary folder and moves
+    the file into place; on another filesystem the move is a copy, which a full disk or a kill
+    cuts short, leaving a truncated ``.ckpt``. Here the file is written beside its target and
+    renamed (:func:`atomic_file`), and the temporaries of interrupted checkpoint writes in the
+    folder are removed. Remote paths (``s3://``...) keep Lightning's writer.
+
+    Loading names the file and the fix when it is not a readable checkpoint. Lightning
+    checkpoints are pickles: load only files you trust.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (see the class)."""
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        if path.parent.is_dir():  # other checkpoints' temporaries: a kill or a full disk
+            for stale in path.parent.glob(f".*{path.suffix}{TEMP_MARKER}*"):
+                stale.unlink(missing_ok=True)
+        try:
+            with atomic_file(path) as handle:
+                torch.save(checkpoint, handle)
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"Could not write checkpoint {path} ({error.strerror or error}); nothing was "
+                "replaced and earlier checkpoints are intact. Free disk space (or raise "
+                "ModelCheckpoint's every_n_train_steps / lower save_top_k) and resume from the "
+                "last checkpoint.",
+            ) from error
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Load a checkpoint; a file that is not one is a ``ValueError`` naming it."""
+        return read_checkpoint(
+            path, lambda: super(AtomicCheckpointIO, self).load_checkpoint(path, *args, **kwargs)
+        )
+
+
+def read_checkpoint(path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Return ``load()``, the checkpoint at ``path``, or raise an error that names the file.
+
+    Raises:
+        FileNotFoundError: Nothing at ``path``.
+        ValueError: ``path`` is not a readable Lightning checkpoint (truncated, another file).
+
+    """
+    if isinstance(get_filesystem(path), LocalFileSystem) and not Path(path).is_file():
+        kind = "a folder" if Path(path).is_dir() else "missing"
+        raise FileNotFoundError(
+            f"Checkpoint {path} is {kind}: pass the path of a .ckpt file, such as "
+            "<default_root_dir>/lightning_logs/version_N/checkpoints/last.ckpt."
+        )
+    try:
+        checkpoint = load()
+    except Exception as error:  # torch.load raises many types for a file that is not one
+        raise ValueError(
+            f"{path} is not a readable Lightning checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}): it is truncated or another "
+            "kind of file. Pass a .ckpt written by Lightning (ModelCheckpoint or "
+            "trainer.save_checkpoint), e.g. the previous one in the same folder."
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{path} loads, but as {type(checkpoint).__name__} without a 'state_dict': it is not a "
+            "Lightning checkpoint. Pass a .ckpt written by ModelCheckpoint or "
+            "trainer.save_checkpoint."
+        )
+    return checkpoint
+
+
+class AtomicCheckpoints(Callback):
+    """Install :class:`AtomicCheckpointIO` on the Trainer, unless it was given its own.
+
+    Every lightning-sae module returns this from ``configure_callbacks``, so a ``Trainer`` that
+    trains one writes its checkpoints atomically with no setting.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Replace Lightning's default ``TorchCheckpointIO`` (only that exact class)."""
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_sae.errors import ConfigurationError
+
 LRSchedulerName = Literal["constant", "cosine"]
 
 
@@ -41,17 +43,17 @@ class LRSchedule:
         # constructor); what is checked here depends on the run's length.
         needs_total = self.scheduler == "cosine" or self.decay_steps > 0
         if needs_total and not self.total_steps:
-            raise ValueError(
+            raise ConfigurationError(
                 "A cosine schedule or lr_decay_steps needs the run's length: set "
                 "Trainer(max_steps=...) to a positive number."
             )
         if self.scheduler == "cosine" and self.decay_steps > 0 and self.min_lr_ratio <= 0:
-            raise ValueError(
+            raise ConfigurationError(
                 "A cosine schedule with lr_decay_steps needs lr_min_ratio > 0: the cosine already "
                 "ends at 0, so the decay would train at LR 0 (sae-lens refuses this too)."
             )
         if self.total_steps and self.warm_up_steps + self.decay_steps > self.total_steps:
-            raise ValueError(
+            raise ConfigurationError(
                 f"lr_warm_up_steps + lr_decay_steps ({self.warm_up_steps} + {self.decay_steps}) "
                 f"exceed the run's {self.total_steps} steps; shorten them or raise max_steps."
             )

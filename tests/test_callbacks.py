@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from lightning_sae import BatchTopKSAE, MultiSAEModule, SAELensExport, StandardSAE
+from lightning_sae.errors import ConfigurationError
 
 
 def exported_steps(dirpath: Path) -> list[str]:
@@ -114,14 +115,15 @@ def test_only_global_rank_zero_writes(tmp_path: Path) -> None:
 
 def test_default_folder_and_bad_arguments(tmp_path: Path) -> None:
     callback = SAELensExport()
-    trainer = SimpleNamespace(default_root_dir=tmp_path)
+    trainer = SimpleNamespace(default_root_dir=tmp_path, is_global_zero=True, datamodule=None)
     callback.setup(trainer, StandardSAE(d_in=8, d_sae=16), "fit")  # type: ignore[arg-type]
     assert callback.dirpath == tmp_path / "sae_lens"
     with pytest.raises(TypeError, match="lightning_sae SAE modules"):
         callback.setup(trainer, LightningModule(), "fit")  # type: ignore[arg-type]
-    for bad in (0, -3, True):
-        with pytest.raises(ValueError, match="every_n_steps"):
-            SAELensExport(every_n_steps=bad)
+    for name in ("every_n_steps", "keep_last_n", "calibration_tokens"):
+        for bad in (0, -3, True):
+            with pytest.raises(ValueError, match=f"{name} must be positive"):
+                SAELensExport(**{name: bad})
 
 
 DDP_SCRIPT = """
@@ -193,3 +195,32 @@ def test_multi_hook_exports_calibrate_each_hook_on_its_own_layer(synthetic_train
         assert sae.cfg.metadata.hook_name == hook
         thresholds.append(float(sae.threshold.mean()))
     assert thresholds[0] != pytest.approx(thresholds[1])  # calibrated on different activations
+
+
+def test_keeps_only_the_newest_exports(synthetic_train: torch.Tensor, tmp_path: Path) -> None:
+    # From an earlier run: a later step than this run reaches, and an interrupted deletion.
+    (tmp_path / "step-000100").mkdir()
+    (tmp_path / ".step-000001.tmp-0badf00d").mkdir()
+    module = StandardSAE(d_in=32, d_sae=64, seed=0, dead_window_tokens=2048)
+    callback = SAELensExport(tmp_path, every_n_steps=2, keep_last_n=3)
+    quiet_trainer(max_steps=9, callbacks=[callback]).fit(module, loader(synthetic_train[:8192]))
+    # The export just written is always kept, with the newest others.
+    assert exported_steps(tmp_path) == ["step-000008", "step-000009", "step-000100"]
+    assert os.readlink(tmp_path / "latest") == "step-000009"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert SAE.load_from_disk(tmp_path / "step-000008").cfg.d_sae == 64
+
+
+def test_too_few_calibration_tokens_stop_the_fit_at_its_start(
+    synthetic_train: torch.Tensor, tmp_path: Path
+) -> None:
+    module = BatchTopKSAE(d_in=32, d_sae=64, k=4, seed=0)
+    callback = SAELensExport(tmp_path, every_n_steps=5)  # draws 16,384 tokens by default
+    trainer = quiet_trainer(max_steps=10, callbacks=[callback])
+    with pytest.raises(
+        ConfigurationError, match="gave \\(1024, 32\\), not \\[16384, d_in\\]"
+    ) as info:
+        trainer.fit(module, datamodule=CalibrationDataModule(synthetic_train[:1024]))
+    assert "calibration_tokens is 16384: lower it" in str(info.value)
+    assert trainer.global_step == 0
+    assert list(tmp_path.iterdir()) == []

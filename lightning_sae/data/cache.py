@@ -31,6 +31,18 @@ MANIFEST = "manifest.json"
 FORMAT = "lightning-sae-activation-cache"
 VERSION = 1
 HOLDOUT_FILE = "holdout.safetensors"
+#: Manifest fields a reader needs (besides ``format`` and ``version``).
+REQUIRED_FIELDS = (
+    "model_name",
+    "model_class_name",
+    "hook_names",
+    "d_in",
+    "context_size",
+    "prepend_bos",
+    "dataset_path",
+    "exclude_special_tokens",
+    "files",
+)
 
 
 def write_cache(
@@ -101,13 +113,24 @@ class ActivationCache:
             )
         try:
             self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{manifest_path} is not valid JSON: {error}") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{manifest_path} is not valid JSON ({error}): the cache is corrupt; rewrite the "
+                "cache."
+            ) from error
+        if not isinstance(self.manifest, dict):
+            self.manifest = {}
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise ValueError(
                 f"{manifest_path} is not a version-{VERSION} lightning-sae activation cache "
                 f"(format={self.manifest.get('format')!r}, "
                 f"version={self.manifest.get('version')!r}); rewrite the cache."
+            )
+        missing = [key for key in REQUIRED_FIELDS if key not in self.manifest]
+        if missing:
+            raise ValueError(
+                f"{manifest_path} lacks the field(s) {missing}: the cache is corrupt; rewrite the "
+                "cache."
             )
 
     @property
@@ -134,7 +157,10 @@ class ActivationCache:
         try:
             tensors = load_file(self.path / name)
         except Exception as error:  # safetensors raises its own error types
-            raise ValueError(f"Cannot read cache file {self.path / name}: {error}") from error
+            raise ValueError(
+                f"Cannot read cache file {self.path / name} ({error}): the cache is corrupt; "
+                "rewrite the cache."
+            ) from error
         missing = [hook for hook in hook_names if hook not in tensors]
         if missing:
             raise ValueError(f"Cache file {self.path / name} has no activations for {missing}.")

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from sae_lens.util import str_to_dtype
@@ -48,6 +49,7 @@ from lightning_sae.data.chunks import Batch, batches, regroup, take
 from lightning_sae.data.live import LiveSource
 from lightning_sae.data.models import HookedModel
 from lightning_sae.data.sources import TokenSource
+from lightning_sae.errors import ConfigurationError
 
 
 class _Batches(IterableDataset):
@@ -272,9 +274,17 @@ class ActivationDataModule(LightningDataModule):
             self.source.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        """Read this rank's place in the world and build the model on its device."""
+        """Read this rank's place in the world and build the model on its device.
+
+        Raises:
+            ConfigurationError: ``fit`` with neither ``max_steps`` nor ``max_time``: the training
+                stream is endless, so the run would never end.
+
+        """
         device: torch.device | str = "cpu"
         if self.trainer is not None:
+            if stage == "fit":
+                _check_run_ends(self.trainer)
             self._rank = self.trainer.global_rank
             self._world_size = self.trainer.world_size
             device = self.trainer.strategy.root_device
@@ -437,3 +447,17 @@ class ActivationDataModule(LightningDataModule):
 
     def _unwrap(self, batch: dict[str, Tensor]) -> Batch:
         return batch[self.hook_names[0]] if len(self.hook_names) == 1 else batch
+
+
+def _check_run_ends(trainer: Trainer) -> None:
+    """Refuse a fit on the endless stream that only ``max_steps`` or ``max_time`` can end."""
+    timed = any(
+        isinstance(callback, Timer) and callback.time_remaining() is not None
+        for callback in trainer.callbacks
+    )
+    if (trainer.max_steps is None or trainer.max_steps < 0) and not timed:
+        raise ConfigurationError(
+            f"Trainer max_steps={trainer.max_steps}: the activation stream is endless (one "
+            "epoch never ends), so this run would train forever. Set Trainer(max_steps=N) "
+            "(--trainer.max_steps N on the command line), or max_time."
+        )

@@ -270,6 +270,7 @@ class LiveSource:
     ) -> dict[str, Tensor]:
         """Activations of a chunk of token rows, special positions dropped, permuted by ``key``."""
         model = self.hooked_model
+        _check_token_ids(tokens, _vocab_size(model))
         parts = [model.activations(rows) for rows in tokens.split(self.model_batch_size)]
         acts = {h: torch.cat([p[h] for p in parts]).flatten(0, 1) for h in self.hook_names}
         if keep is not None:
@@ -281,3 +282,27 @@ class LiveSource:
 def _device_of(model: torch.nn.Module) -> torch.device | None:
     parameter = next(model.parameters(), None)
     return None if parameter is None else parameter.device
+
+
+def _vocab_size(model: HookedModel) -> int | None:
+    """Return how many token ids the model embeds (``None`` when it does not say)."""
+    cfg = getattr(model.model, "cfg", None)  # transformer-lens
+    if isinstance(getattr(cfg, "d_vocab", None), int):
+        return cfg.d_vocab
+    inner = getattr(model.model, "model", None)  # sae-lens HookedProxyLM wraps a HF model
+    embeddings = getattr(inner, "get_input_embeddings", lambda: None)()
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def _check_token_ids(tokens: Tensor, vocab_size: int | None) -> None:
+    """Refuse token ids the model cannot embed (on a GPU they end in a device-side assert)."""
+    if vocab_size is None or tokens.numel() == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"Token id {bad} is outside the model's vocabulary of {vocab_size} ids: the dataset's "
+            "token ids were made by another tokenizer. Pass text (tokenised with the model's own "
+            "tokenizer), or token ids of this model."
+        )

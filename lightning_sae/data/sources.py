@@ -121,8 +121,9 @@ def _pick_column(names: list[str], column: str | None) -> str:
             return name
     wanted = repr(column) if column is not None else f"any of {list(DEFAULT_COLUMNS)}"
     raise ValueError(
-        f"The dataset has no column {wanted}; its columns are {names}. Pass column=<name> of the "
-        "column holding text or token ids."
+        f"The dataset has no column {wanted}; its columns are {names}. Pass "
+        "dataset_column=<name> (TokenSource: column=<name>) of the column holding text or token "
+        "ids."
     )
 
 

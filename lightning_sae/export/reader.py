@@ -125,7 +125,9 @@ def _load_folder(path: Path, module_kwargs: dict[str, Any]) -> SAEModule:
         try:
             log_density = load_file(sparsity_path)["sparsity"]
         except (SafetensorError, OSError, KeyError) as error:
-            raise ValueError(f"{sparsity_path} is corrupt: {error!r}") from error
+            raise ValueError(
+                f"{sparsity_path} is corrupt ({error!r}); delete it or export the SAE again."
+            ) from error
         if log_density.shape != (cfg["d_sae"],) or not torch.isfinite(log_density).all():
             raise ValueError(
                 f"{sparsity_path} must hold d_sae={cfg['d_sae']} finite log10 densities, got "

@@ -129,7 +129,7 @@ def export_to_sae_lens(
     unit, hook_name = _unit(module, hook_name)
     data = data if data is not None else attached_data(module)
     _check_target(path, overwrite)
-    _check_finite_weights(unit, type(module).__name__)
+    unit.raise_if_not_finite()
     merged = _export_metadata(unit, data, hook_name, metadata)
     # Calibrate on the hook this export is for, when one was named (else the data's only one).
     chosen_hook = hook_name or (metadata or {}).get("hook_name")
@@ -182,18 +182,6 @@ def _unit(module: SAEModule | MultiSAEModule, hook_name: str | None) -> tuple[SA
     if not isinstance(module, SAEModule):
         raise TypeError(f"Expected a lightning_sae SAE module, got {type(module).__name__}.")
     return module.unit, hook_name
-
-
-def _check_finite_weights(unit: SAEUnit, owner: str) -> None:
-    bad = [
-        name for name, tensor in unit.sae.state_dict().items() if not torch.isfinite(tensor).all()
-    ]
-    if bad or not torch.isfinite(unit.normalizer.scale):
-        raise FloatingPointError(
-            f"{owner}'s SAE holds NaN or inf values ({bad or ['activation_scale']}): training "
-            "diverged, so nothing is exported. Lower lr, clip gradients (Trainer "
-            "gradient_clip_val), or resume from an earlier checkpoint."
-        )
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
@@ -265,13 +253,37 @@ def _inference_copy(
     sae = copy.deepcopy(unit.sae)
     sae.eval()
     sae.fold_activation_norm_scaling_factor(float(unit.normalizer.scale))
-    if isinstance(sae, BatchTopKTrainingSAE):
+    if needs_calibration(unit):
         activations = _calibration_activations(
             unit, data, hook_name, calibration_activations, calibration_tokens
         )
         threshold = calibrate_batchtopk_threshold(sae, activations.to(sae.W_enc.device))
         sae.topk_threshold.fill_(threshold)
     return sae.to("cpu")
+
+
+def needs_calibration(unit: SAEUnit) -> bool:
+    """Whether exporting ``unit`` calibrates a threshold on held-out activations (BatchTopK)."""
+    return isinstance(unit.sae, BatchTopKTrainingSAE)
+
+
+def check_calibration(
+    module: SAEModule | MultiSAEModule,
+    data: ExportData | None,
+    calibration_activations: Tensor | Iterable[Tensor] | None,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+) -> None:
+    """Raise ``ValueError`` now if exporting ``module`` would fail for want of calibration data.
+
+    Draws (and, for an :class:`~lightning_sae.ActivationDataModule`, keeps) the activations an
+    export would, so a run learns at its start, not at its first export, that its held-out data
+    is too small.
+    """
+    hooks = module.hook_names if isinstance(module, MultiSAEModule) else [None]
+    for hook in hooks:
+        unit, _ = _unit(module, hook)
+        if needs_calibration(unit):
+            _calibration_activations(unit, data, hook, calibration_activations, calibration_tokens)
 
 
 def _calibration_activations(
@@ -295,6 +307,13 @@ def _calibration_activations(
             if hook_name is None
             else data.sample_activations(n_tokens, hook_name=hook_name)
         )
+        if not isinstance(given, Tensor) or given.ndim != 2 or given.shape[0] < n_tokens:
+            shape = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
+            raise ValueError(
+                f"{type(data).__name__}.sample_activations({n_tokens}) gave {shape}, not "
+                f"[{n_tokens}, d_in]: ask for fewer calibration tokens, or give it more held-out "
+                "data."
+            )
     batches = [given] if isinstance(given, Tensor) else list(given)
     if not batches or not all(isinstance(b, Tensor) and b.ndim == 2 for b in batches):
         raise ValueError(
@@ -307,5 +326,8 @@ def _calibration_activations(
             f"{activations.dtype} {tuple(activations.shape)}."
         )
     if not torch.isfinite(activations).all():
-        raise ValueError("calibration_activations hold NaN or inf values.")
+        raise ValueError(
+            "calibration_activations hold NaN or inf values: pass finite held-out activations "
+            "of the hook the SAE was trained on."
+        )
     return activations

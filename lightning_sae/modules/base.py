@@ -9,17 +9,19 @@ its hyper-parameters fill (:attr:`SAEModule.sae_config_fields`) and how it valid
 """
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE, TrainingSAEConfig
 from torch import Tensor
 
+from lightning_sae.io import AtomicCheckpoints, read_checkpoint
 from lightning_sae.modules.checkpoints import (
     CLASS_PATH_KEY,
     check_checkpoint_matches,
@@ -98,8 +100,11 @@ class SAEModule(_ArchitectureDispatch):
         activation_scale: A fixed scale to use instead of estimating one.
         apply_b_dec_to_input: Subtract ``b_dec`` before encoding (sae-lens's default).
         decoder_init_norm: Norm of each decoder row at initialisation (Anthropic's 0.1 heuristic).
-        check_finite: Check each training batch for NaN/inf before it touches the weights
-            (one device-to-host sync per step).
+        check_finite: Stop the fit when a training batch or the loss holds NaN/inf. Recorded on
+            the device every step and read on logging steps (``log_every_n_steps``), before every
+            checkpoint and export, and at the end of fit: no device-to-host sync per step, so the
+            weights of the bad step are updated, and the error names that step. Checkpoints and
+            exports refuse non-finite weights whatever this is set to.
         architecture: Only needed when constructing through the base class; must match the
             subclass otherwise.
         seed: Seed for weight initialisation (``None`` uses the global RNG).
@@ -183,8 +188,8 @@ class SAEModule(_ArchitectureDispatch):
             value = hp[name]
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not hp["lr"] > 0:
-            raise ValueError(f"lr must be positive, got {hp['lr']!r}.")
+        if not 0 < hp["lr"] < math.inf:
+            raise ValueError(f"lr must be a positive finite number, got {hp['lr']!r}.")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= hp[name] < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {hp[name]!r}.")
@@ -333,8 +338,19 @@ class SAEModule(_ArchitectureDispatch):
         return adam_with_schedules([unit.param_group()], [unit.lr_schedule(_max_steps(self))])
 
     # ------------------------------------------------------------------ checkpoints
+    def configure_callbacks(self) -> list[Callback]:
+        """Callbacks the module owns: atomic checkpoint writes (:class:`AtomicCheckpoints`)."""
+        return [AtomicCheckpoints()]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the class and the SAE's metadata (model, hook, dataset; e.g. of a release)."""
+        """Record the class and the SAE's metadata (model, hook, dataset; e.g. of a release).
+
+        Raises:
+            FloatingPointError: Training went NaN/inf: the checkpoint is not written, so the
+                last good one is kept.
+
+        """
+        self.unit.raise_if_not_finite()
         checkpoint[CLASS_PATH_KEY] = class_path(type(self))
         checkpoint["sae_metadata"] = self.sae.cfg.metadata.to_dict()
 
@@ -361,8 +377,11 @@ class SAEModule(_ArchitectureDispatch):
         architecture); on an unrelated class it raises ``TypeError``. Lightning checkpoints are
         pickles: load only files you trust.
         """
-        checkpoint = load_checkpoint_file(
-            checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only")
+        checkpoint = read_checkpoint(
+            checkpoint_path,
+            lambda: load_checkpoint_file(
+                checkpoint_path, map_location="cpu", weights_only=kwargs.get("weights_only")
+            ),
         )
         saved_cls = saved_class(checkpoint)
         if saved_cls is None:

@@ -103,7 +103,9 @@ class MultiSAEModule(LightningModule):
         for hook in hook_names:
             hparams = options | self._sae_options(module_cls, per_hook.get(hook, {}), hook)
             hparams |= {"d_in": d_in_of[hook], "d_sae": d_sae}
-            self.units[_key(hook)] = module_cls.build_unit(hparams)
+            unit = module_cls.build_unit(hparams)
+            unit.label = f"The SAE of hook {hook!r}"
+            self.units[_key(hook)] = unit
             self.val_metrics[_key(hook)] = evaluation_metrics(d_in_of[hook], f"{hook}/val/")
             self.test_metrics[_key(hook)] = evaluation_metrics(d_in_of[hook], f"{hook}/test/")
 
@@ -236,6 +238,8 @@ class MultiSAEModule(LightningModule):
                 torch.nn.utils.clip_grad_norm_(unit.parameters(), gradient_clip_val)
 
     # ------------------------------------------------------------------ checkpoints & dtypes
+    configure_callbacks = SAEModule.configure_callbacks
+
     def _apply(self, fn: Any, recurse: bool = True) -> "MultiSAEModule":
         super()._apply(fn, recurse)
         keep_metrics_float64(self)  # the val/test metrics live outside the units
@@ -249,7 +253,14 @@ class MultiSAEModule(LightningModule):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the class and every SAE's metadata, per hook."""
+        """Record the class and every SAE's metadata, per hook.
+
+        Raises:
+            FloatingPointError: An SAE went NaN/inf: the checkpoint is not written.
+
+        """
+        for _, unit in self._units():
+            unit.raise_if_not_finite()
         checkpoint[CLASS_PATH_KEY] = class_path(type(self))
         checkpoint["sae_metadata"] = {
             hook: unit.sae.cfg.metadata.to_dict() for hook, unit in self._units()

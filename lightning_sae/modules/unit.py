@@ -15,10 +15,13 @@ from sae_lens.util import dtype_to_str
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from lightning_sae.distributed import all_reduce_mean
+from lightning_sae.distributed import all_reduce_mean, all_reduce_min
 from lightning_sae.modules.normalizer import ActivationNormalizer
 from lightning_sae.modules.statistics import TrainingStatistics, keep_metrics_float64
 from lightning_sae.optim import LRSchedule, LRSchedulerName, warm_up_coefficient
+
+#: ``SAEUnit.first_nonfinite_step`` of a run that has seen no NaN/inf.
+NOT_SEEN = torch.iinfo(torch.int64).max
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class SAEUnit(nn.Module):
         normalizer: Activation scaling.
         statistics: Dead latents, metrics and the density window.
         optimizer: Adam/schedule settings of this SAE's parameter group.
-        check_finite: Refuse a batch holding NaN/inf before it touches the weights.
+        check_finite: Record, on the device, the first step whose batch or loss holds NaN/inf, and
+            stop the fit when a check reads it (see :meth:`raise_if_not_finite`).
         full_precision: SAE tensors kept in their creation dtype under any Trainer precision.
 
     The SAE's ``rank_averaged_state`` (class attribute, optional) names buffers its training pass
@@ -86,14 +90,22 @@ class SAEUnit(nn.Module):
         self._full_precision |= {"statistics.feature_density": torch.float64}
         #: False until the first training batch of a fresh fit (or a restore) initialised the SAE.
         self.initialized = False
+        #: Names this SAE in error messages (a MultiSAEModule adds its hook).
+        self.label = "The SAE"
+        #: First global step whose [batch, loss] held NaN/inf (``NOT_SEEN`` if none). Written on
+        #: the device every step without a sync; read only by :meth:`raise_if_not_finite`. Not a
+        #: buffer: DDP would overwrite every rank's record with rank 0's before each forward.
+        self.first_nonfinite_step = torch.full((2,), NOT_SEEN, dtype=torch.int64)
 
     # ------------------------------------------------------------------ inference
     def encode(self, x: Tensor) -> Tensor:
-        """Latents of raw activations ``x``."""
+        """Latents of raw activations ``x`` ``[..., d_in]``."""
+        _check_width(x, self.normalizer.d_in, "activations", "d_in")
         return self.sae.encode(self.normalizer(x))
 
     def decode(self, feature_acts: Tensor) -> Tensor:
-        """Reconstruction, in raw units, of latents ``feature_acts``."""
+        """Reconstruction, in raw units, of latents ``feature_acts`` ``[..., d_sae]``."""
+        _check_width(feature_acts, self.sae.cfg.d_sae, "latents", "d_sae")
         return self.normalizer.inverse(self.sae.decode(feature_acts))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,9 +136,13 @@ class SAEUnit(nn.Module):
         return batch
 
     def mark_restored(self) -> None:
-        """Treat the weights and scale as trained: never re-estimate or re-initialise them."""
+        """Treat the weights and scale as trained: never re-estimate or re-initialise them.
+
+        A NaN/inf recorded before the restore belonged to the replaced weights and is forgotten.
+        """
         self.normalizer.pending = False
         self.initialized = True
+        self.first_nonfinite_step.fill_(NOT_SEEN)
 
     def coefficients(self, step: int) -> dict[str, float]:
         """sae-lens loss coefficients at ``step``, after their linear warm-up."""
@@ -139,10 +155,10 @@ class SAEUnit(nn.Module):
     def training_step(self, x: Tensor, step: int, log_every_n_steps: int) -> StepResult:
         """One training pass on raw activations ``x`` ``[batch, d_in]`` at optimisation ``step``.
 
-        Every rank calls this on every step (it holds collectives).
+        Every rank calls this on every step (it holds collectives). With ``check_finite``, a NaN or
+        inf batch or loss is recorded on the device and raises on the next logging step (checked
+        over all ranks), so no step waits on the host for it.
         """
-        if self.check_finite:
-            _check_finite(x, step)
         if not self.initialized:
             if self.normalizer.pending:
                 self.normalizer.estimate(x)
@@ -162,6 +178,10 @@ class SAEUnit(nn.Module):
         )
         for name in self.rank_averaged:
             setattr(self.sae, name, all_reduce_mean(getattr(self.sae, name)))
+        if self.check_finite:
+            self._record_nonfinite(x, output.loss, step)
+            if (step + 1) % log_every_n_steps == 0:
+                self.raise_if_not_finite(collective=True, weights=False)
         statistics = self.statistics
         statistics.update(output.sae_in, output.sae_out, output.feature_acts)
         metrics = statistics.values_to_log(step, log_every_n_steps)
@@ -182,8 +202,56 @@ class SAEUnit(nn.Module):
         feature_acts = self.sae.encode(sae_in)
         metrics.update(x=sae_in, x_hat=self.sae.decode(feature_acts), feature_acts=feature_acts)
 
+    @torch.no_grad()
+    def _record_nonfinite(self, x: Tensor, loss: Tensor, step: int) -> None:
+        bad = torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(loss.detach())])
+        first = self.first_nonfinite_step
+        first.masked_fill_(bad & (first == NOT_SEEN), step)
+
+    def raise_if_not_finite(self, collective: bool = False, weights: bool = True) -> None:
+        """Raise ``FloatingPointError`` naming the step if training went NaN/inf (one sync).
+
+        Reads the first NaN/inf batch and loss steps recorded during training (``check_finite``)
+        and, with ``weights``, checks the weights and activation scale themselves: call it before
+        anything is written. With ``collective`` (every rank must call it) the record is reduced
+        over ranks, so every rank stops on the same step.
+        """
+        first = self.first_nonfinite_step
+        batch_step, loss_step = (all_reduce_min(first) if collective else first).tolist()
+        if batch_step != NOT_SEEN:
+            raise FloatingPointError(
+                f"{self.label}: the training batch of global step {batch_step} held NaN or inf "
+                "activations, so the weights are no longer finite (checked without a per-step "
+                "sync: on logging steps, checkpoints, exports and at the end of fit). Check the "
+                "activation source or the model's dtype (fp16 activations overflow), then resume "
+                f"from a checkpoint saved before step {batch_step}."
+            )
+        if loss_step != NOT_SEEN:
+            raise FloatingPointError(
+                f"{self.label}: the loss went NaN or inf at global step {loss_step}: training "
+                "diverged. Lower lr, clip gradients (Trainer gradient_clip_val), keep "
+                "normalize_activations on, and resume from a checkpoint saved before step "
+                f"{loss_step}."
+            )
+        if not weights:
+            return
+        bad = [name for name, t in self.sae.state_dict().items() if not torch.isfinite(t).all()]
+        if bad or not torch.isfinite(self.normalizer.scale):
+            raise FloatingPointError(
+                f"{self.label} holds NaN or inf values ({bad or ['activation_scale']}): training "
+                "diverged, so nothing is written. Lower lr, clip gradients (Trainer "
+                "gradient_clip_val), or resume from an earlier checkpoint."
+            )
+
     def finish_fit(self) -> Tensor | None:
-        """Publish the open density window if this fit closed none, so an export sees this run."""
+        """Publish the open density window if this fit closed none, so an export sees this run.
+
+        Raises:
+            FloatingPointError: Training went NaN/inf (:meth:`raise_if_not_finite`).
+
+        """
+        if self.check_finite:
+            self.raise_if_not_finite(collective=True)
         statistics = self.statistics
         if statistics.window_tokens > 0 and not statistics.density_published:
             return statistics.publish_density()
@@ -212,12 +280,13 @@ class SAEUnit(nn.Module):
 
     # ------------------------------------------------------------------ dtypes
     def _apply(self, fn: Any, recurse: bool = True) -> "SAEUnit":
-        """Move/cast like any module, but keep thresholds in full precision and resync the SAE.
+        """Move/cast like any module (the NaN/inf record too), keep thresholds in full precision.
 
         Lightning moves and casts the parent module, so the SAE's ``device``/``dtype`` attributes
         (read by sae-lens's ``process_sae_in``) would otherwise go stale.
         """
         super()._apply(fn, recurse)
+        self.first_nonfinite_step = fn(self.first_nonfinite_step)
         for dotted, dtype in self._full_precision.items():
             owner_name, _, name = dotted.rpartition(".")
             owner = self.get_submodule(owner_name)
@@ -237,11 +306,12 @@ class SAEUnit(nn.Module):
         return self
 
 
-def _check_finite(x: Tensor, step: int) -> None:
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).any(dim=-1).nonzero().flatten()[:5].tolist()
-        raise FloatingPointError(
-            f"The training batch at global step {step} holds NaN or inf activations (first bad "
-            f"rows: {bad}); the weights were not updated. Check the activation source, or the "
-            "model's dtype (fp16 activations overflow)."
+def _check_width(x: Tensor, width: int, what: str, name: str) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1:
+        got = f"{x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"Expected a float tensor of {what} [..., {width}], got a {got}.")
+    if x.shape[-1] != width:
+        raise ValueError(
+            f"Expected {what} of shape [..., {width}] ({name} of this SAE), got "
+            f"{tuple(x.shape)}: pass {what} of the width the SAE was built for."
         )

@@ -4,8 +4,17 @@ import lightning as L
 import pytest
 import torch
 from helpers import D_IN, loader, quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_sae import BatchTopKSAE, JumpReLUSAE, SAEModule, StandardSAE, TopKSAE
+from lightning_sae import (
+    BatchTopKSAE,
+    JumpReLUSAE,
+    SAEModule,
+    StandardSAE,
+    TopKSAE,
+    export_to_sae_lens,
+)
+from lightning_sae.modules import SAEUnit
 
 
 class LossRecorder(L.Callback):
@@ -31,7 +40,8 @@ def test_construct_by_architecture_name():
         (lambda: SAEModule(d_in=8, d_sae=32), "abstract"),
         (lambda: StandardSAE(d_in=0, d_sae=32), "d_in must be a positive integer"),
         (lambda: StandardSAE(d_in=8, d_sae=-4), "d_sae must be a positive integer"),
-        (lambda: StandardSAE(d_in=8, d_sae=32, lr=0.0), "lr must be positive"),
+        (lambda: StandardSAE(d_in=8, d_sae=32, lr=0.0), "lr must be a positive finite number"),
+        (lambda: StandardSAE(d_in=8, d_sae=32, lr=math.inf), "lr must be a positive finite"),
         (lambda: StandardSAE(d_in=8, d_sae=32, adam_beta2=1.0), "adam_beta2"),
         (lambda: StandardSAE(d_in=8, d_sae=32, l1_coeficient=1.0), "unexpected arguments"),
         (lambda: StandardSAE(d_in=8, d_sae=32, lr_scheduler="linear"), "lr_scheduler"),
@@ -44,20 +54,81 @@ def test_bad_arguments_fail_at_construction(build, message):
         build()
 
 
-class StateSnapshot(L.Callback):
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.state = {name: t.clone() for name, t in pl_module.state_dict().items()}
-
-
-def test_nan_batch_fails_fast_naming_the_step_and_leaves_weights_untouched(synthetic_train):
+def test_nan_batch_stops_the_fit_naming_the_step_and_no_checkpoint_keeps_it(
+    tmp_path, synthetic_train
+):
+    # The check is sync-free: the bad step's update happens (its weights go NaN), then the next
+    # read of the device-side record stops the fit. The guarantee moves to what is written: the
+    # checkpoint of the NaN state is refused, the last good one stays.
     module = BatchTopKSAE(d_in=D_IN, d_sae=64, k=4)
-    x = synthetic_train[:2048].clone()
+    x = synthetic_train[:4096].clone()
     x[3 * 512 + 7, 3] = float("inf")  # inside the fourth batch: global step 3
-    snapshot = StateSnapshot()
-    with pytest.raises(FloatingPointError, match="at global step 3 holds NaN or inf"):
-        quiet_trainer(max_steps=10, callbacks=[snapshot]).fit(module, loader(x))
-    after = module.state_dict()
-    assert all(torch.equal(after[name], snapshot.state[name]) for name in after)
+    checkpoints = ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=-1, save_last=True)
+    trainer = quiet_trainer(max_steps=8, enable_checkpointing=True, callbacks=[checkpoints])
+    with pytest.raises(FloatingPointError, match="batch of global step 3 held NaN or inf"):
+        trainer.fit(module, loader(x))
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [
+        "epoch=0-step=1.ckpt",
+        "epoch=0-step=2.ckpt",
+        "epoch=0-step=3.ckpt",
+        "last.ckpt",
+    ]
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+
+
+def test_nan_batch_is_read_on_the_next_logging_step_only(monkeypatch, synthetic_train):
+    reads = []
+    check = SAEUnit.raise_if_not_finite
+    monkeypatch.setattr(
+        SAEUnit,
+        "raise_if_not_finite",
+        lambda self, **kwargs: reads.append(kwargs) or check(self, **kwargs),
+    )
+    x = synthetic_train[:8192].clone()
+    x[3 * 512, 0] = float("nan")  # step 3
+    with pytest.raises(FloatingPointError, match="batch of global step 3 held NaN"):
+        quiet_trainer(max_steps=16, log_every_n_steps=5).fit(TopKSAE(D_IN, 64, k=4), loader(x))
+    # One read (a sync) on logging step 4, none on steps 0-3.
+    assert reads == [{"collective": True, "weights": False}]
+
+
+@pytest.mark.parametrize(
+    ("build", "scale", "message"),
+    [
+        # Huge finite activations overflow the squared error in float32.
+        (lambda: StandardSAE(D_IN, 64, normalize_activations=False), 1e25, "global step 0"),
+        # A learning rate that blows the weights up: finite first loss, NaN after the update.
+        (lambda: TopKSAE(D_IN, 64, k=4, lr=1e30), 1.0, "global step 1"),
+    ],
+    ids=["huge-activations", "huge-lr"],
+)
+def test_diverging_training_stops_the_fit_and_is_never_exported(
+    tmp_path, synthetic_train, build, scale, message
+):
+    module = build()
+    with pytest.raises(FloatingPointError, match=f"loss went NaN or inf at {message}"):
+        quiet_trainer(max_steps=5).fit(module, loader(synthetic_train[:2560] * scale))
+    with pytest.raises(FloatingPointError, match="loss went NaN or inf"):
+        export_to_sae_lens(module, tmp_path / "sae", {"hook_name": "blocks.0.hook_resid_pre"})
+    assert not (tmp_path / "sae").exists()
+
+
+def test_a_restored_checkpoint_clears_the_record(tmp_path, synthetic_train):
+    module = TopKSAE(D_IN, 64, k=4)
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(module, loader(synthetic_train[:1024]))
+    trainer.save_checkpoint(tmp_path / "good.ckpt")
+    x = synthetic_train[:2048].clone()
+    x[512, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        quiet_trainer(max_steps=4).fit(module, loader(x))
+    # The same module object resumes from the good checkpoint and trains on.
+    quiet_trainer(max_steps=4).fit(
+        module, loader(synthetic_train[:2048]), ckpt_path=tmp_path / "good.ckpt"
+    )
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def test_activation_scale_is_estimated_applied_and_checkpointed(tmp_path, synthetic_train):
