@@ -230,7 +230,8 @@ def read_checkpoint(path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, 
         ValueError: ``path`` is not a readable Lightning checkpoint (truncated, another file).
 
     """
-    if isinstance(get_filesystem(path), LocalFileSystem) and not Path(path).is_file():
+    is_path = isinstance(path, str | os.PathLike)
+    if is_path and isinstance(get_filesystem(path), LocalFileSystem) and not Path(path).is_file():
         kind = "a folder" if Path(path).is_dir() else "missing"
         raise FileNotFoundError(
             f"Checkpoint {path} is {kind}: pass the path of a .ckpt file, such as "

@@ -132,7 +132,7 @@ class SAEUnit(nn.Module):
                 f"{tuple(batch.shape)}. Flatten tokens into the batch dimension, or set d_in."
             )
         if not batch.is_floating_point():
-            raise TypeError(f"{owner} needs float activations, got {batch.dtype}.")
+            raise TypeError(f"{owner} needs a float tensor of activations, got {batch.dtype}.")
         return batch
 
     def mark_restored(self) -> None:

@@ -323,6 +323,8 @@ def test_old_cache_converts_in_one_line(tmp_path):
         "hook_names": HOOKS,
         "d_in": dict(zip(HOOKS, (8, 4), strict=True)),
         "prepend_bos": True,
+        "dataset_path": None,
+        "exclude_special_tokens": False,
     }
     old = old_cache.write_cache(tmp_path / "old", chunks, holdout, metadata)
     with pytest.raises(ValueError, match="convert_cache"):
