@@ -53,10 +53,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lightning_sae.data.cache import ActivationCache, write_cache
 from lightning_sae.data.models import (
-    SMOLLM2_HF_ID,
     HookedModel,
     _guess_class_name,
+    exported_hook,
     load_hooked_model,
+    transformer_lens_hook_name,
 )
 from lightning_sae.data.offline import SMOLLM2_NAME, smollm2_path
 from lightning_sae.data.sources import TokenSource, pack
@@ -259,7 +260,7 @@ class ActivationDataModule(LightningDataModule):
         if self._hooked is not None:
             return self._hooked.model_name
         if isinstance(spec, str):
-            return SMOLLM2_HF_ID if spec == SMOLLM2_NAME else spec
+            return spec
         return load_hooked_model(spec, self.hook_names, tokenizer=self._tokenizer).model_name
 
     def _build_model(self, device: torch.device | str) -> HookedModel:
@@ -365,8 +366,16 @@ class ActivationDataModule(LightningDataModule):
             )
 
     # ------------------------------------------------------------------ exporter contract
-    def sae_metadata(self) -> dict[str, Any]:
-        """Return the sae-lens ``metadata`` fields this data determines, for the exporter."""
+    def sae_metadata(self, hook_name: str | None = None) -> dict[str, Any]:
+        """Return the sae-lens ``metadata`` fields this data determines, for the exporter.
+
+        ``hook_name`` (default: the first hook) is this DataModule's name of the hook or the name
+        an earlier call returned. A Hugging Face decoder layer (``model.layers.6``) is recorded
+        under its transformer-lens name (``blocks.6.hook_resid_post``) with
+        ``model_class_name="HookedTransformer"``, the name transformer-lens-based tools attach an
+        SAE to (:func:`~lightning_sae.data.models.exported_hook`).
+        """
+        hook = self._own_hook_name(hook_name)
         if self.cache is not None:
             manifest = self.cache.manifest
             model_name, class_name = manifest["model_name"], manifest["model_class_name"]
@@ -380,16 +389,28 @@ class ActivationDataModule(LightningDataModule):
                 else self._model_class_name or _guess_class_name(self.hook_names)
             )
             dataset_path = self.source.dataset_path
+        exported_name, class_name = exported_hook(hook, class_name)
         return {
             "model_name": model_name,
             "model_class_name": class_name,
-            "hook_name": self.hook_names[0],
+            "hook_name": exported_name,
             "hook_head_index": None,
             "context_size": self.context_size,
             "prepend_bos": self.prepend_bos,
             "dataset_path": dataset_path,
             "exclude_special_tokens": self.exclude_special_tokens,
         }
+
+    def _own_hook_name(self, hook_name: str | None) -> str:
+        """Return this DataModule's name of a hook given by its own name or its exported one."""
+        if hook_name is None or hook_name in self.hook_names:
+            return hook_name or self.hook_names[0]
+        for hook in self.hook_names:
+            if transformer_lens_hook_name(hook) == hook_name:
+                return hook
+        raise ValueError(
+            f"hook_name {hook_name!r} is not one of this DataModule's {self.hook_names}."
+        )
 
     def holdout_token_rows(self, n_rows: int) -> Tensor:
         """``[n, context_size]`` token rows of the held-out documents (``n <= n_rows``), in order.
@@ -424,11 +445,7 @@ class ActivationDataModule(LightningDataModule):
             ValueError: The held-out documents hold fewer than ``n_tokens`` tokens.
 
         """
-        hook = hook_name or self.hook_names[0]
-        if hook not in self.hook_names:
-            raise ValueError(
-                f"hook_name {hook!r} is not one of this DataModule's {self.hook_names}."
-            )
+        hook = self._own_hook_name(hook_name)
         if self.cache is not None:
             held_out = self.cache.load_holdout([hook])
             acts = held_out[hook] if held_out is not None else torch.empty(0)
@@ -481,6 +498,8 @@ class ActivationDataModule(LightningDataModule):
         holdout = _take(self._holdout_chunks(), holdout_tokens) if holdout_tokens else None
         metadata = {
             **{k: v for k, v in self.sae_metadata().items() if k != "hook_name"},
+            # The class that read the hooks (sae_metadata gives the exported one).
+            "model_class_name": model.model_class_name,
             "hook_names": self.hook_names,
             "d_in": dict(model.d_in),
         }
