@@ -342,7 +342,7 @@ def _ticks(low: float, high: float, target: int = 4) -> list[float]:
         low, high = low - pad, high + pad
     raw = (high - low) / target
     power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    step = min((m * power for m in (1, 2, 5, 10)), key=lambda s: abs(math.log(s / raw)))
     first, last = math.floor(low / step), math.ceil(high / step)
     return [i * step for i in range(first, last + 1)]
 
