@@ -298,7 +298,7 @@ def _histogram(values: Sequence[float], title: str, low: float = -10.0, high: fl
     )
     dead = sum(1 for value in values if value <= low)
     note = (
-        f'<text x="{_W - _RIGHT}" y="{_TOP + 12}" text-anchor="end">'
+        f'<text x="{_W - _RIGHT}" y="14" text-anchor="end">'
         f"{len(values)} latents, {dead} dead</text>"
     )
     return _svg(title, _axes(x_ticks, y_ticks, sx, sy, "log10 density") + note, bars)
