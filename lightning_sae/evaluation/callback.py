@@ -11,6 +11,7 @@ In a ``lightning-sae`` YAML config, under ``trainer.callbacks``::
     - class_path: lightning_sae.evaluation.HTMLReport
 """
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -244,6 +245,7 @@ class HTMLReport(Callback):
         hooks = []
         for hook, sae in self._saes.items():
             report = HookReport(hook_name=hook, latents=self._latents.get(hook, []))
+            report.exported_hook_name = _exported_hook_name(trainer.datamodule, hook)
             for name in ("loss", "l0", "explained_variance"):
                 key = f"{log_prefix(hook, self._single, 'train')}{name}"
                 report.curves[name] = self.curves.get(key, [])
@@ -353,6 +355,14 @@ def _model_and_rows(data: EvaluationData, n_rows: int, who: str) -> tuple[Hooked
             f"{n_rows} asked for; raise the DataModule's holdout_documents for more."
         )
     return hooked, rows
+
+
+def _exported_hook_name(data: Any, hook: str) -> str | None:
+    """Return the hook name an export records (``DataModule.sae_metadata(hook)``), if known."""
+    sae_metadata = getattr(data, "sae_metadata", None)
+    if not callable(sae_metadata) or "hook_name" not in inspect.signature(sae_metadata).parameters:
+        return None
+    return sae_metadata(hook)["hook_name"]
 
 
 def _facts(trainer: Trainer, tokens: int) -> list[str]:

@@ -62,6 +62,8 @@ class HookReport:
     """What the report shows for one SAE."""
 
     hook_name: str
+    #: The name the sae-lens export records, when it differs (``blocks.6.hook_resid_post``).
+    exported_hook_name: str | None = None
     #: ``{curve key: [(training tokens, value)]}`` (keys of :data:`CURVES`).
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     #: Latest figures by key of :data:`SUMMARY` (from evaluation or training).
@@ -162,7 +164,7 @@ _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2330;
        margin: 0 auto; padding: 24px 32px; max-width: 1180px; background: #fafbfc; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 8px; }
-h3 { font-size: 15px; margin: 18px 0 6px; }
+h3 { font-size: 15px; margin: 18px 0 6px; } h2 small { font-weight: 400; color: #55607a; }
 .facts { color: #55607a; margin: 0 0 12px; }
 table.summary { border-collapse: collapse; margin: 8px 0 4px; }
 table.summary td, table.summary th { padding: 3px 12px 3px 0; text-align: left; }
@@ -229,8 +231,11 @@ def _hook_section(hook: HookReport) -> str:
         )
     else:
         latent_html = '<p class="note">No held-out token rows: no contexts.</p>'
+    heading = html.escape(hook.hook_name)
+    if hook.exported_hook_name not in (None, hook.hook_name):
+        heading += f" <small>(exported as {html.escape(hook.exported_hook_name)})</small>"
     return (
-        f"<section><h2>{html.escape(hook.hook_name)}</h2>{table}"
+        f"<section><h2>{heading}</h2>{table}"
         f'<div class="charts">{chart_html}</div>{latent_html}</section>'
     )
 
@@ -297,11 +302,8 @@ def _histogram(values: Sequence[float], title: str, low: float = -10.0, high: fl
         if count
     )
     dead = sum(1 for value in values if value <= low)
-    note = (
-        f'<text x="{_W - _RIGHT}" y="14" text-anchor="end">'
-        f"{len(values)} latents, {dead} dead</text>"
-    )
-    return _svg(title, _axes(x_ticks, y_ticks, sx, sy, "log10 density") + note, bars)
+    x_label = f"log10 density ({len(values):,} latents, {dead:,} dead)"
+    return _svg(title, _axes(x_ticks, y_ticks, sx, sy, x_label), bars)
 
 
 def _svg(title: str, axes: str, marks: str) -> str:
