@@ -38,7 +38,9 @@ def test_callbacks_from_yaml(llama_folder, tmp_path, monkeypatch, capsys):
                 {"class_path": "lightning_sae.evaluation.StepProgressBar"},
             ],
         },
-        "model": {"class_path": "lightning_sae.TopKSAE", "init_args": {"d_sae": 64, "k": 4, "seed": 0}},
+        "model": {
+            "class_path": "lightning_sae.TopKSAE", "init_args": {"d_sae": 64, "k": 4, "seed": 0},
+        },
         "data": {
             "class_path": "lightning_sae.ActivationDataModule",
             "init_args": {
