@@ -19,13 +19,17 @@ class StepProgressBar(TQDMProgressBar):
     :class:`~lightning_sae.evaluation.LMEvaluation` (``ce_rec``).
     """
 
+    @property
+    def train_description(self) -> str:
+        """The bar's label."""
+        return "train"
+
     def on_train_epoch_start(self, trainer: Trainer, *_: Any) -> None:
         """Count steps of ``max_steps`` (no total when it is unset), from the restored step."""
-        super().on_train_epoch_start(trainer)
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
         bar.n = bar.initial = trainer.global_step
-        bar.set_description("train")
+        bar.refresh()
 
     def on_train_batch_end(
         self,
