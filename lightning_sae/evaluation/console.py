@@ -50,11 +50,10 @@ class StepProgressBar(TQDMProgressBar):
         """Return the SAE figures (no ``v_num``), to three significant digits."""
         figures = {**trainer.progress_bar_metrics, **_evaluation_figures(trainer)}
         shown = {}
-        for name, value in figures.items():
-            for suffix, label in _SHOWN.items():
+        for suffix, label in _SHOWN.items():  # in this order (tqdm keeps it)
+            for name, value in figures.items():
                 if name == suffix or name.endswith(f"/{suffix}"):
                     shown[name[: len(name) - len(suffix)] + label] = f"{float(value):.3g}"
-                    break
         return shown
 
 
