@@ -155,21 +155,24 @@ def evaluation_sums(
         for hook in hooks:
             splice = _Splice(saes[hook], keep)
             with_sae = _log_probs(model, rows, [(hook, splice)])
-            batch = [
-                keep[:, :-1].sum(),
-                ce_clean,
-                _masked_sum(_next_token_loss(with_sae, rows), keep[:, :-1]),
-                0.0,
-                keep.sum(),
-                _masked_sum(_kl(clean, with_sae), keep),
-                0.0,
-                *splice.statistics,
-            ]
+            values = {
+                "n_ce": keep[:, :-1].sum(),
+                "ce_clean": ce_clean,
+                "ce_sae": _masked_sum(_next_token_loss(with_sae, rows), keep[:, :-1]),
+                "n_kl": keep.sum(),
+                "kl_sae": _masked_sum(_kl(clean, with_sae), keep),
+                **splice.statistics,
+            }
             if zero_ablation:
                 zeroed = _log_probs(model, rows, [(hook, _zero)])
-                batch[3] = _masked_sum(_next_token_loss(zeroed, rows), keep[:, :-1])
-                batch[6] = _masked_sum(_kl(clean, zeroed), keep)
-            scalars = torch.stack([torch.as_tensor(v, dtype=_F64, device=device) for v in batch])
+                values["ce_zero"] = _masked_sum(_next_token_loss(zeroed, rows), keep[:, :-1])
+                values["kl_zero"] = _masked_sum(_kl(clean, zeroed), keep)
+            scalars = torch.stack(
+                [
+                    torch.as_tensor(values.get(name, 0.0), dtype=_F64, device=device)
+                    for name in _FIELDS
+                ]
+            )
             sums[hook] += torch.cat([scalars, splice.sum_x])
     return EvaluationSums(sums)
 
@@ -191,12 +194,12 @@ class _Splice:
         feature_acts = self.sae.encode(x.to(parameter.device, parameter.dtype))
         x_hat = self.sae.decode(feature_acts).to(x.device, x.dtype)
         x64, error = x.to(_F64), (x - x_hat).to(_F64)
-        self.statistics = [
-            x.shape[0],
-            active_counts(feature_acts)[:-1].sum(),
-            error.square().sum(),
-            x64.square().sum(),
-        ]
+        self.statistics = {
+            "n_tokens": x.shape[0],
+            "l0": active_counts(feature_acts)[:-1].sum(),
+            "squared_error": error.square().sum(),
+            "squared_norm": x64.square().sum(),
+        }
         self.sum_x = x64.sum(0)
         out = flat.clone()
         out[self.keep] = x_hat
