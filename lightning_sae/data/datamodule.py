@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_sae.data.cache import ActivationCache, CacheSource, write_cache
 from lightning_sae.data.chunks import Batch, batches, regroup, take
 from lightning_sae.data.live import LiveSource
-from lightning_sae.data.models import HookedModel
+from lightning_sae.data.models import HookedModel, exported_hook, transformer_lens_hook_name
 from lightning_sae.data.sources import TokenSource
 from lightning_sae.errors import ConfigurationError
 
@@ -335,8 +335,17 @@ class ActivationDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ exporter and evaluation
     def sae_metadata(self, hook_name: str | None = None) -> dict[str, Any]:
-        """Return the sae-lens ``metadata`` fields this data determines for one hook."""
-        return {"hook_name": self._hook(hook_name), **self.source.metadata()}
+        """Return the sae-lens ``metadata`` fields this data determines for one hook.
+
+        ``hook_name`` (default: the first hook) is this DataModule's name of the hook or the name
+        an earlier call returned. A Hugging Face decoder layer (``model.layers.6``) is recorded
+        under its transformer-lens name (``blocks.6.hook_resid_post``) with
+        ``model_class_name="HookedTransformer"``, the name transformer-lens-based tools attach an
+        SAE to (:func:`~lightning_sae.data.models.exported_hook`).
+        """
+        metadata = self.source.metadata()
+        hook, class_name = exported_hook(self._hook(hook_name), metadata["model_class_name"])
+        return {**metadata, "hook_name": hook, "model_class_name": class_name}
 
     def sample_activations(self, n_tokens: int, hook_name: str | None = None) -> Tensor:
         """``[n_tokens, d_in]`` activations of held-out documents, on the CPU.
@@ -357,6 +366,17 @@ class ActivationDataModule(LightningDataModule):
             )
         return acts[:n_tokens]
 
+    def _own_hook_name(self, hook_name: str | None) -> str:
+        """Return this DataModule's name of a hook given by its own name or its exported one."""
+        if hook_name is None or hook_name in self.hook_names:
+            return hook_name or self.hook_names[0]
+        for hook in self.hook_names:
+            if transformer_lens_hook_name(hook) == hook_name:
+                return hook
+        raise ValueError(
+            f"hook_name {hook_name!r} is not one of this DataModule's {self.hook_names}."
+        )
+
     def holdout_token_rows(self, n_rows: int) -> Tensor:
         """``[n, context_size]`` token rows of the held-out documents (``n <= n_rows``), in order.
 
@@ -371,12 +391,15 @@ class ActivationDataModule(LightningDataModule):
         return self.source.holdout_token_rows(n_rows)
 
     def _hook(self, hook_name: str | None) -> str:
-        hook = hook_name or self.hook_names[0]
-        if hook not in self.hook_names:
-            raise ValueError(
-                f"hook_name {hook!r} is not one of this DataModule's {self.hook_names}."
-            )
-        return hook
+        """Return this DataModule's name of a hook given by its own or its exported name."""
+        if hook_name is None or hook_name in self.hook_names:
+            return hook_name or self.hook_names[0]
+        for hook in self.hook_names:
+            if transformer_lens_hook_name(hook) == hook_name:
+                return hook
+        raise ValueError(
+            f"hook_name {hook_name!r} is not one of this DataModule's {self.hook_names}."
+        )
 
     # ------------------------------------------------------------------ cache
     def write_cache(

@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lightning_sae.data.chunks import Chunk, permuted
 from lightning_sae.data.models import (
-    SMOLLM2_HF_ID,
     HookedModel,
     _guess_class_name,
     load_hooked_model,
@@ -172,7 +171,7 @@ class LiveSource:
     def model_name_of(model: str | torch.nn.Module, hook_names: list[str], tokenizer: Any) -> str:
         """Return the name exports record for ``model`` (a name, or an instance's own)."""
         if isinstance(model, str):
-            return SMOLLM2_HF_ID if model == SMOLLM2_NAME else model
+            return model  # what rebuilds it (``smollm2-135m`` is the offline default's name)
         return load_hooked_model(model, hook_names, tokenizer=tokenizer).model_name
 
     def metadata(self) -> dict[str, Any]:

@@ -2,15 +2,27 @@
 
 Two kinds of model, one interface (sae-lens's ``HookedRootModule.run_with_cache``):
 
-- transformer-lens ``HookedTransformer`` (a name or an instance), hook names such as
-  ``blocks.3.hook_resid_post``; the forward stops after the last needed block.
+- transformer-lens ``HookedTransformer``, hook names such as ``blocks.3.hook_resid_post``; the
+  forward stops after the last needed block. Built from a transformer-lens model name, or from any
+  Hugging Face causal LM transformer-lens can convert (a local folder, a hub name, a
+  ``PreTrainedModel``, or the offline default ``"smollm2-135m"``) by
+  :func:`build_hooked_transformer`, without weight processing, so its activations are the Hugging
+  Face model's.
 - Hugging Face causal LMs (a name, a local folder or a ``PreTrainedModel``), hook names that are
   module paths such as ``model.layers.3``; wrapped in sae-lens's ``HookedProxyLM``, whose forward
   hooks raise ``StopForward`` once every requested module has run, so later layers never execute.
+
+Every transformer-lens-based tool (sae-lens's ``HookedSAETransformer``, SAEDashboard, SAEBench)
+needs transformer-lens hook names, so an export records a decoder layer's module path under its
+transformer-lens name (:func:`exported_hook`): ``model.layers.6`` is ``blocks.6.hook_resid_post``.
 """
 
+import copy
 import difflib
+import re
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +36,39 @@ from lightning_sae.data.offline import SMOLLM2_NAME, smollm2_path
 
 #: sae-lens ``model_class_name`` values this module loads.
 MODEL_CLASS_NAMES = ("HookedTransformer", "AutoModelForCausalLM")
-#: Hugging Face id recorded in exported metadata for the offline default. The offline weights
-#: are the dequantised Q4_1 GGUF of this model, so its activations differ slightly from the hub's.
-SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: Module paths of decoder layer ``N`` in Hugging Face causal LMs (Llama, Mistral, Qwen, Gemma,
+#: Phi, OLMo: ``model.layers``; GPT-2, GPT-Neo, GPT-J, Bloom: ``transformer.h``; Pythia:
+#: ``gpt_neox.layers``; OPT: ``model.decoder.layers``). A layer's output is the residual stream
+#: after block ``N``: transformer-lens's ``blocks.N.hook_resid_post``.
+_DECODER_LAYER = re.compile(
+    r"^(?:model\.layers|model\.decoder\.layers|transformer\.h|gpt_neox\.layers)\.(\d+)$"
+)
+#: First components of transformer-lens hook names (``blocks.3.hook_z``, ``hook_embed``, ...).
+_TL_PREFIXES = ("blocks.", "hook_", "embed.", "pos_embed.", "ln_final.", "unembed.")
+
+
+def transformer_lens_hook_name(module_path: str) -> str | None:
+    """``blocks.N.hook_resid_post`` for a Hugging Face decoder layer's module path, else ``None``.
+
+    >>> transformer_lens_hook_name("model.layers.6")
+    'blocks.6.hook_resid_post'
+    >>> transformer_lens_hook_name("model.layers.6.mlp") is None
+    True
+    """
+    match = _DECODER_LAYER.match(module_path)
+    return None if match is None else f"blocks.{match.group(1)}.hook_resid_post"
+
+
+def exported_hook(hook_name: str, model_class_name: str) -> tuple[str, str]:
+    """Return the ``(hook_name, model_class_name)`` an sae-lens export records for a hook.
+
+    A decoder layer's module path (``model.layers.6``) is recorded as transformer-lens's
+    ``blocks.6.hook_resid_post`` of a ``HookedTransformer``: the same activations (tested on Llama
+    and GPT-2), under the name transformer-lens-based tools attach SAEs to. Other hooks keep their
+    name and class.
+    """
+    tl_name = transformer_lens_hook_name(hook_name)
+    return (hook_name, model_class_name) if tl_name is None else (tl_name, "HookedTransformer")
 
 
 class HookedModel:
@@ -111,13 +153,32 @@ class HookedModel:
 
 
 def _unknown_hook_message(name: str, valid: list[str], model_class_name: str) -> str:
+    hf = model_class_name == "AutoModelForCausalLM"
+    kind = "module paths" if hf else "hook points"
     near = difflib.get_close_matches(name, valid, n=6, cutoff=0.5)
-    kind = "module paths" if model_class_name == "AutoModelForCausalLM" else "hook points"
     hint = f"Did you mean one of {near}?" if near else f"The first valid ones: {valid[:8]}."
+    if hf and _looks_transformer_lens(name):
+        hint = (
+            f"{name!r} is a transformer-lens hook name, but this model is hooked by Hugging Face "
+            "module path (e.g. 'model.layers.6', the output of decoder layer 6): pass that, or "
+            "leave model_class_name unset (or 'HookedTransformer') to build the model with "
+            "transformer-lens."
+        )
+    elif not hf and not _looks_transformer_lens(name):
+        tl_name = transformer_lens_hook_name(name)
+        layer = f" The output of {name!r} is {tl_name!r}." if tl_name else ""
+        hint = (
+            f"{name!r} looks like a Hugging Face module path, but this is a transformer-lens "
+            f"model, whose hooks are named like 'blocks.6.hook_resid_post'.{layer} {hint}"
+        )
     return (
         f"Unknown hook name {name!r}: the model has no such {kind[:-1]} ({len(valid)} {kind} "
         f"exist). {hint}"
     )
+
+
+def _looks_transformer_lens(name: str) -> bool:
+    return name.startswith(_TL_PREFIXES) or name.rsplit(".", 1)[-1].startswith("hook_")
 
 
 def _hf_max_context(model: torch.nn.Module) -> int | None:
@@ -130,8 +191,8 @@ def _hf_max_context(model: torch.nn.Module) -> int | None:
 
 
 def _guess_class_name(hook_names: Sequence[str]) -> str:
-    """transformer-lens hook points all contain ``hook_``; HF module paths do not."""
-    if all("hook_" in name.rsplit(".", 1)[-1] for name in hook_names):
+    """transformer-lens hook names (``blocks.6.hook_resid_post``) or Hugging Face module paths."""
+    if all(_looks_transformer_lens(name) for name in hook_names):
         return "HookedTransformer"
     return "AutoModelForCausalLM"
 
@@ -143,6 +204,118 @@ def _offline_error(name: str, error: Exception) -> OSError:
         f"saved with `save_pretrained`, a model instance, or {SMOLLM2_NAME!r} for the offline "
         f"default. Cause: {type(error).__name__}: {error}"
     )
+
+
+def _is_official_transformer_lens_name(name: str) -> bool:
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:  # its message lists every official name (7,000 characters)
+        return False
+    return True
+
+
+def build_hooked_transformer(
+    model: str | torch.nn.Module,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    model_class: type[HookedTransformer] = HookedTransformer,
+    trust_remote_code: bool = False,
+) -> HookedTransformer:
+    """Build ``model`` as a transformer-lens model, with no weight processing.
+
+    A transformer-lens model name (``"gpt2"``) loads with ``from_pretrained_no_processing``. Any
+    other model — ``"smollm2-135m"`` (the offline default), a local Hugging Face folder, a hub
+    name, or a ``PreTrainedModel`` — is converted from its Hugging Face weights by
+    transformer-lens's own converters (``get_pretrained_model_config`` and
+    ``get_pretrained_state_dict``; ``from_pretrained`` refuses names outside its list). No
+    layer-norm folding or centring, so the hooks see the Hugging Face model's activations.
+
+    Args:
+        model: A name, a local folder, ``"smollm2-135m"`` or a Hugging Face ``PreTrainedModel``.
+        tokenizer: Tokenizer to attach (default: the model's own).
+        dtype: Dtype of the weights.
+        device: Device to build on.
+        model_class: ``HookedTransformer`` or a subclass (``sae_lens.HookedSAETransformer``).
+        trust_remote_code: Passed to ``from_pretrained``; off unless asked for by name.
+
+    Raises:
+        ValueError: transformer-lens has no converter for the model's architecture.
+        OSError: The model is neither local nor downloadable.
+
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(model, str):
+        source = str(smollm2_path()) if model == SMOLLM2_NAME else model
+        if not Path(source).is_dir() and _is_official_transformer_lens_name(model):
+            try:
+                return model_class.from_pretrained_no_processing(
+                    model, dtype=dtype, device=str(device), tokenizer=tokenizer
+                )
+            except OSError as error:
+                raise _offline_error(model, error) from error
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(
+                source, trust_remote_code=trust_remote_code
+            )
+        except OSError as error:
+            raise _offline_error(model, error) from error
+        name = model
+    else:
+        hf, name = model, model.name_or_path
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(name)
+    return _convert(hf, tokenizer, name, dtype, device, model_class)
+
+
+def _convert(
+    hf: Any,
+    tokenizer: Any,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    model_class: type[HookedTransformer],
+) -> HookedTransformer:
+    """transformer-lens's Hugging Face converters on a model object, through its config alone."""
+    from transformer_lens.loading_from_pretrained import (
+        get_pretrained_model_config,
+        get_pretrained_state_dict,
+    )
+
+    config = copy.deepcopy(hf.config)
+    # transformer-lens picks its converter by config.architectures, unset on a model built from a
+    # config object; it reads only config.json from the folder it is given.
+    config.architectures = config.architectures or [type(hf).__name__]
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        try:
+            cfg = get_pretrained_model_config(
+                folder, hf_cfg=config.to_dict(), fold_ln=False, device=str(device), dtype=dtype
+            )
+        except NotImplementedError as error:
+            raise ValueError(
+                f"transformer-lens cannot build {name!r} ({config.architectures[0]}): {error} "
+                "Hook it by Hugging Face module path instead (e.g. 'model.layers.6')."
+            ) from error
+        state = get_pretrained_state_dict(folder, cfg, hf_model=hf, dtype=dtype)
+    cfg.model_name = str(name).rstrip("/").rsplit("/", 1)[-1]
+    hooked = model_class(cfg, tokenizer, move_to_device=False)
+    hooked.load_and_process_state_dict(
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    torch.nn.Module.to(hooked, device)  # HookedTransformer.to prints a message
+    return hooked.eval()
 
 
 def load_hooked_model(
@@ -161,8 +334,9 @@ def load_hooked_model(
             ``"smollm2-135m"`` for the offline default, a ``HookedTransformer`` / sae-lens
             ``HookedProxyLM``, or a Hugging Face ``PreTrainedModel``.
         hook_names: Hooks to read.
-        model_class_name: ``HookedTransformer`` or ``AutoModelForCausalLM``; guessed from the
-            hook names when ``None`` (transformer-lens hook points contain ``hook_``).
+        model_class_name: ``HookedTransformer`` (transformer-lens hook names; a Hugging Face
+            model is converted by :func:`build_hooked_transformer`) or ``AutoModelForCausalLM``
+            (module paths); guessed from the hook names when ``None``.
         dtype: Dtype of a model loaded by name.
         device: Device to load onto.
         tokenizer: Tokenizer for a ``PreTrainedModel`` instance (default: loaded from its
@@ -180,42 +354,39 @@ def load_hooked_model(
     if isinstance(model, HookedRootModule):
         name = getattr(model.cfg, "model_name", type(model).__name__)
         return HookedModel(model, hook_names, name, "HookedTransformer")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        name = model.name_or_path
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        return HookedModel(
-            HookedProxyLM(model, tokenizer, hook_names=_existing(model, hook_names)),
-            hook_names,
-            name,
-            "AutoModelForCausalLM",
-        )
-    if not isinstance(model, str):
+    if not isinstance(model, str | torch.nn.Module):
         raise TypeError(
             f"model must be a name, a local folder or a model instance, got {type(model).__name__}."
         )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     class_name = model_class_name or _guess_class_name(hook_names)
-    name, source = model, model
-    if model == SMOLLM2_NAME:
-        name, source = SMOLLM2_HF_ID, str(smollm2_path())
-    try:
-        if class_name == "HookedTransformer":
-            hooked: HookedRootModule = HookedTransformer.from_pretrained_no_processing(
-                source, device=str(device), dtype=dtype
-            )
-        else:
+    name = model if isinstance(model, str) else model.name_or_path
+    if class_name == "HookedTransformer":
+        hooked: HookedRootModule = build_hooked_transformer(
+            model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
+        return HookedModel(hooked, hook_names, name, class_name)
+    if isinstance(model, str):
+        source = str(smollm2_path()) if model == SMOLLM2_NAME else model
+        try:
             hf = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, trust_remote_code=trust_remote_code
             ).to(device)
-            hf_tokenizer = tokenizer or AutoTokenizer.from_pretrained(
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(
                 source, trust_remote_code=trust_remote_code
             )
-            hooked = HookedProxyLM(hf, hf_tokenizer, hook_names=_existing(hf, hook_names))
-    except OSError as error:
-        raise _offline_error(model, error) from error
-    return HookedModel(hooked, hook_names, name, class_name)
+        except OSError as error:
+            raise _offline_error(model, error) from error
+    else:
+        hf = model
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(name)
+    proxy = HookedProxyLM(hf, tokenizer, hook_names=_existing(hf, hook_names))
+    return HookedModel(proxy, hook_names, name, class_name)
 
 
 def _existing(model: torch.nn.Module, hook_names: Sequence[str]) -> list[str]:

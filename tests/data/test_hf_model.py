@@ -28,7 +28,7 @@ def test_module_path_hooks_equal_hidden_states(llama, tokenizer, documents):
         batch_size=128, shuffle=False, shuffle_buffer_tokens=256,
     )  # fmt: skip
     dm.setup("fit")
-    assert dm.d_in == 32 and dm.sae_metadata()["model_class_name"] == "AutoModelForCausalLM"
+    assert dm.d_in == 32 and dm.hooked_model.model_class_name == "AutoModelForCausalLM"
     later = []
     llama.model.layers[3].register_forward_hook(lambda *args: later.append(1))
     got = list(islice(dm._batches(0), 2))

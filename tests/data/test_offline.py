@@ -28,8 +28,12 @@ def test_smollm2_module_hooks_equal_hidden_states():
     )  # fmt: skip
     dm.setup("fit")
     assert dm.d_in == 576
-    assert dm.sae_metadata()["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert dm.sae_metadata()["model_class_name"] == "AutoModelForCausalLM"
+    assert dm.hooked_model.model_class_name == "AutoModelForCausalLM"  # read by module path
+    metadata = dm.sae_metadata()  # recorded under the transformer-lens name
+    assert metadata["model_name"] == "smollm2-135m"
+    assert metadata["model_class_name"] == "HookedTransformer"
+    assert metadata["hook_name"] == "blocks.3.hook_resid_post"
+    assert metadata["dataset_path"] == "lightning_sae.data.shakespeare_documents"
     hf = dm.hooked_model.model.model
     later_calls = []
     hf.model.layers[6].register_forward_hook(lambda *args: later_calls.append(1))
