@@ -83,8 +83,9 @@ def test_example_trains_and_exports(config: Path, tmp_path: Path):
     sae = SAE.load_from_disk(str(export))
     assert sae.cfg.architecture() == EXPORTED_AS[config.stem]
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (576, 64)  # d_in linked from the DataModule
-    assert sae.cfg.metadata.hook_name == "model.layers.0"
-    assert sae.cfg.metadata.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # The exported names are the ones transformer-lens tools attach to and rebuild the model by.
+    assert sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+    assert sae.cfg.metadata.model_name == "smollm2-135m"
     assert torch.isfinite(sae.W_dec).all()
 
     (saved,) = tmp_path.glob("lightning_logs/version_0/config.yaml")  # beside the logs
@@ -165,7 +166,7 @@ def test_fit_export_load_example(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "sae-lens loaded a topk SAE (576 -> 64)" in printed
-    assert "at model.layers.0, context 128" in printed
+    assert "at blocks.0.hook_resid_post, context 128" in printed
     max_difference = float(printed.rsplit(": ", 1)[1])
     assert max_difference < 1e-4
     assert (tmp_path / "sae_lens" / "step-000001").is_dir()  # the mid-run export
@@ -193,7 +194,8 @@ def test_multi_hook_example_trains_two_hooks_from_one_pass_and_exports_both(tmp_
     step = (tmp_path / "sae_lens" / "latest").resolve()
     assert step.name == "step-000002"
     for hook in hooks:
-        sae = SAE.load_from_disk(str(step / hook))
-        assert sae.cfg.metadata.hook_name == hook and sae.cfg.architecture() == "jumprelu"
+        sae = SAE.load_from_disk(str(step / hook))  # folders by the DataModule's hook names
+        assert sae.cfg.metadata.hook_name == f"blocks.{hook[-1]}.hook_resid_post"
+        assert sae.cfg.architecture() == "jumprelu"
         assert (sae.cfg.d_in, sae.cfg.d_sae) == (576, 64)
         assert (step / hook / "sparsity.safetensors").is_file()
