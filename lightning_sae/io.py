@@ -16,6 +16,7 @@ are removed by the next write of the same target.
 """
 
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
@@ -59,13 +60,28 @@ def _token() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _writer_is_gone(name: str, marker: str) -> bool:
-    """Tell whether the writer of temporary ``name`` was a process of this host that has ended.
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` (advisory; between writers of this module)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
-    Temporaries of other hosts (a shared filesystem) or of running processes are never touched.
+
+def _writer_is_gone(name: str, marker: str) -> bool:
+    """Tell whether the writer of temporary ``name`` has ended.
+
+    A name of lightning-sae 0.1 (no host and pid) is stale. Temporaries of other hosts (a shared
+    filesystem) or of running processes of this one are never touched.
     """
-    host, _, rest = name.partition(marker)[2].rpartition("-")[0].rpartition("-")
-    if host != socket.gethostname() or not rest.isdigit():
+    token = name.partition(marker)[2]
+    host, _, rest = token.rpartition("-")[0].rpartition("-")
+    if not host or not rest.isdigit():
+        return True  # the 0.1 format: a bare random token
+    if host != socket.gethostname():
         return False
     try:
         os.kill(int(rest), 0)
@@ -115,7 +131,8 @@ def atomic_folder(
     exists it is swapped out with two renames; should the process die between them, the old
     folder is left as ``.<name>.old-*`` and :func:`remove_stale_temporaries` (run at the start of
     every write of the same target) moves it back. Concurrent writers of one target each write
-    their own temporary; the last to finish wins, and none removes another's.
+    their own temporary and swap in turn (a lock on the parent folder): the last to finish wins,
+    and none removes another's temporary.
 
     Args:
         target: The folder to create or replace.
@@ -125,27 +142,29 @@ def atomic_folder(
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
+    with _folder_lock(target.parent):
+        remove_stale_temporaries(target)
     token = _token()
     tmp = target.parent / f".{target.name}{TEMP_MARKER}{token}"
     tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)
-        if check is not None:
-            check(target)
-        if target.exists():
-            old = target.parent / f".{target.name}{OLD_MARKER}{token}"
-            os.replace(target, old)
-            try:
+        with _folder_lock(target.parent):  # one swap at a time: concurrent writers take turns
+            if check is not None:
+                check(target)
+            if target.exists():
+                old = target.parent / f".{target.name}{OLD_MARKER}{token}"
+                os.replace(target, old)
+                try:
+                    os.replace(tmp, target)
+                except OSError:
+                    os.replace(old, target)  # put the previous folder back before failing
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 os.replace(tmp, target)
-            except OSError:
-                os.replace(old, target)  # put the previous folder back before failing
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+            _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

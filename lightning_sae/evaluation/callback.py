@@ -33,7 +33,7 @@ from lightning_sae.evaluation.report import (
 )
 from lightning_sae.io import atomic_write_text
 from lightning_sae.metrics import log10_feature_density
-from lightning_sae.modules import MultiSAEModule, SAEModule
+from lightning_sae.modules import MultiSAEModule, SAEModule, SAEUnit
 
 
 class LMEvaluation(Callback):
@@ -275,8 +275,10 @@ class HTMLReport(Callback):
         self._tokens = int(state_dict["tokens"])
 
 
-def sae_modules(pl_module: LightningModule, hook_names: list[str] | None) -> dict[str, SAEModule]:
-    """Return ``{hook: SAE}`` of a one-SAE module or a :class:`~lightning_sae.MultiSAEModule`.
+def sae_modules(
+    pl_module: LightningModule, hook_names: list[str] | None
+) -> dict[str, SAEModule | SAEUnit]:
+    """Return ``{hook: SAE}`` (raw-unit ``encode``/``decode``) of an SAE or multi-SAE module.
 
     Raises:
         TypeError: ``pl_module`` is neither.
@@ -290,7 +292,7 @@ def sae_modules(pl_module: LightningModule, hook_names: list[str] | None) -> dic
                 f"The module trains SAEs at hooks {missing} that the DataModule does not read "
                 f"({hook_names})."
             )
-        return {hook: pl_module.sae_module(hook) for hook in pl_module.hook_names}
+        return {hook: pl_module.sae_unit(hook) for hook in pl_module.hook_names}
     if isinstance(pl_module, SAEModule):
         if hook_names is not None and len(hook_names) != 1:
             raise ValueError(

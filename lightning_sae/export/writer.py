@@ -283,7 +283,12 @@ def check_calibration(
     for hook in hooks:
         unit, _ = _unit(module, hook)
         if needs_calibration(unit):
-            _calibration_activations(unit, data, hook, calibration_activations, calibration_tokens)
+            given = calibration_activations
+            if isinstance(given, Mapping):  # one tensor per hook (SAELensExport of several)
+                given = given.get(hook) if hook is not None else None
+                if given is None:
+                    raise ValueError(f"calibration_activations has no activations for {hook!r}.")
+            _calibration_activations(unit, data, hook, given, calibration_tokens)
 
 
 def _calibration_activations(

@@ -144,7 +144,7 @@ def test_multi_hook_module_logs_per_hook(model, documents):
     assert set(results) == set(hooks)
     rows = dm.holdout_token_rows(N_ROWS)
     for hook in hooks:
-        alone = evaluation_sums(dm.hooked_model, {hook: module.sae_module(hook)}, rows)
+        alone = evaluation_sums(dm.hooked_model, {hook: module.sae_unit(hook)}, rows)
         for name, value in alone.metrics()[hook].items():
             assert results[hook][name] == pytest.approx(value, rel=1e-6), (hook, name)
         logged = trainer.callback_metrics[f"{hook}/eval/ce_loss_recovered"]
