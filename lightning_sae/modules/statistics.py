@@ -118,12 +118,18 @@ class TrainingStatistics(nn.Module):
         """Publish the density window once it holds ``dead_window_tokens`` tokens."""
         return self.publish_density() if self.window_tokens >= self.dead_window_tokens else None
 
-    def publish_density(self) -> Tensor:
-        """Copy the window's density to :attr:`feature_density`, start a new window, return it."""
+    def publish_density(self, close: bool = True) -> Tensor:
+        """Copy the window's density to :attr:`feature_density` and return it.
+
+        With ``close`` a new window starts. Without, the open window goes on accumulating (the
+        end of a fit publishes it for the exporter, and a run resumed from a checkpoint taken
+        after that fit continues the same window).
+        """
         density = self.window.compute()
-        self.window.reset()
-        self.window_tokens = 0
-        self.window_token_count.zero_()
+        if close:
+            self.window.reset()
+            self.window_tokens = 0
+            self.window_token_count.zero_()
         self.feature_density.copy_(density)
         self.density_published = True
         return density
