@@ -502,7 +502,7 @@ def _cases() -> list[Case]:
             ),
             "FloatingPointError",
             ("global step 1", "NaN or inf"),
-            "resume from a checkpoint saved before step 1",
+            "Check the activation source",
         ),
         C(
             "train-zero-first-batch",
@@ -737,7 +737,7 @@ def _cases() -> list[Case]:
             lambda w, t: SAELensExport(t, every_n_steps=0),
             "ValueError",
             ("every_n_steps", "0"),
-            "must be positive (an int, or None)",
+            "positive",
         ),
         C(
             "export-callback-too-few-holdout",
