@@ -201,10 +201,12 @@ class SAELensExport(Callback):
     def _remove_old_exports(self, newest: Path) -> None:
         """Delete ``step-*`` folders beyond the newest ``keep_last_n`` (``newest`` always kept)."""
         assert self.dirpath is not None
-        # What an interrupted export, swap or deletion of another step left behind.
-        for hidden in self.dirpath.glob(".step-*"):
-            name = re.split(f"{re.escape(TEMP_MARKER)}|{re.escape(OLD_MARKER)}", hidden.name)[0]
-            remove_stale_temporaries(self.dirpath / name[1:])
+        # What an interrupted export, swap, link or deletion of another step left behind.
+        markers = f"{re.escape(TEMP_MARKER)}|{re.escape(OLD_MARKER)}"
+        for hidden in self.dirpath.glob(".*"):
+            name = re.split(markers, hidden.name)[0]
+            if name != hidden.name:
+                remove_stale_temporaries(self.dirpath / name[1:])
         if self.keep_last_n is None:
             return
         others = sorted(

@@ -18,6 +18,7 @@ are removed by the next write of the same target.
 import contextlib
 import fcntl
 import os
+import pickle
 import shutil
 import socket
 import uuid
@@ -258,13 +259,19 @@ def read_checkpoint(path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, 
         )
     try:
         checkpoint = load()
-    except Exception as error:  # torch.load raises many types for a file that is not one
+    except pickle.UnpicklingError as error:
+        # A real checkpoint that names a class torch's safe loader does not allow, or garbage.
+        refused = [line for line in str(error).splitlines() if "Unsupported global" in line]
+        if not refused:
+            raise _not_a_checkpoint(path, error) from error
         raise ValueError(
-            f"{path} is not a readable Lightning checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}): it is truncated or another "
-            "kind of file. Pass a .ckpt written by Lightning (ModelCheckpoint or "
-            "trainer.save_checkpoint), e.g. the previous one in the same folder."
+            f"{path} holds objects torch's safe loader (weights_only=True) refuses "
+            f"({refused[0].strip()}). Checkpoints are pickles: only if you trust the file, "
+            "load it with weights_only=False (Trainer.fit(..., weights_only=False), "
+            "load_from_checkpoint(..., weights_only=False))."
         ) from error
+    except Exception as error:  # torch.load raises many types for a file that is not one
+        raise _not_a_checkpoint(path, error) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(
             f"{path} loads, but as {type(checkpoint).__name__} without a 'state_dict': it is not a "
@@ -272,6 +279,15 @@ def read_checkpoint(path: Any, load: Callable[[], dict[str, Any]]) -> dict[str, 
             "trainer.save_checkpoint."
         )
     return checkpoint
+
+
+def _not_a_checkpoint(path: Any, error: Exception) -> ValueError:
+    return ValueError(
+        f"{path} is not a readable Lightning checkpoint ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}): it is truncated or another "
+        "kind of file. Pass a .ckpt written by Lightning (ModelCheckpoint or "
+        "trainer.save_checkpoint), e.g. the previous one in the same folder."
+    )
 
 
 class AtomicCheckpoints(Callback):

@@ -201,6 +201,7 @@ def test_keeps_only_the_newest_exports(synthetic_train: torch.Tensor, tmp_path: 
     # From an earlier run: a later step than this run reaches, and an interrupted deletion.
     (tmp_path / "step-000100").mkdir()
     (tmp_path / ".step-000001.tmp-0badf00d").mkdir()
+    (tmp_path / ".latest.tmp-0badf00d").symlink_to("step-000100")
     module = StandardSAE(d_in=32, d_sae=64, seed=0, dead_window_tokens=2048)
     callback = SAELensExport(tmp_path, every_n_steps=2, keep_last_n=3)
     quiet_trainer(max_steps=9, callbacks=[callback]).fit(module, loader(synthetic_train[:8192]))

@@ -30,6 +30,7 @@ torchdata's ``StatefulDataLoader`` is not used: it skips the batch that Lightnin
 prefetched.
 """
 
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +178,9 @@ class ActivationDataModule(LightningDataModule):
         val_tokens: int = 16_384,
     ) -> None:
         super().__init__()
+        # A str, not a Path: checkpoints hold the hyper-parameters, and torch's safe loader
+        # (weights_only=True, the default) refuses a pathlib object, so a run could not resume.
+        cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.save_hyperparameters(ignore=["model", "dataset", "tokenizer"])
         for name in (
             "context_size",

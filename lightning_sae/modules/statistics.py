@@ -130,10 +130,16 @@ class TrainingStatistics(nn.Module):
         """Tokens, over all ranks, in the open density window (reads the device)."""
         return int(self.window.tokens)
 
-    def publish_density(self) -> Tensor:
-        """Copy the window's density to :attr:`feature_density`, start a new window, return it."""
+    def publish_density(self, close: bool = True) -> Tensor:
+        """Copy the window's density to :attr:`feature_density` and return it.
+
+        With ``close`` a new window starts. Without, the open window goes on accumulating (the
+        end of a fit publishes it for the exporter, and a run resumed from a checkpoint taken
+        after that fit continues the same window).
+        """
         density = self.window.compute()
-        self.window.reset()
+        if close:
+            self.window.reset()
         self.feature_density.copy_(density)
         self.density_published = True
         return density

@@ -246,6 +246,8 @@ class SAEUnit(nn.Module):
     def finish_fit(self) -> Tensor | None:
         """Publish the open density window if this fit closed none, so an export sees this run.
 
+        The window stays open: a run resumed from a checkpoint saved now continues it.
+
         Raises:
             FloatingPointError: Training went NaN/inf (:meth:`raise_if_not_finite`).
 
@@ -254,7 +256,7 @@ class SAEUnit(nn.Module):
             self.raise_if_not_finite(collective=True)
         statistics = self.statistics
         if statistics.window_tokens > 0 and not statistics.density_published:
-            return statistics.publish_density()
+            return statistics.publish_density(close=False)
         return None
 
     # ------------------------------------------------------------------ optimisation

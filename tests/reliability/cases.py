@@ -141,6 +141,7 @@ def build_world(root: Path) -> World:
     _write_bad_caches(bad, cache)
     good = (root / "topk.ckpt").read_bytes()
     (bad / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    torch.save({"state_dict": {}, "where": Path("/")}, bad / "foreign.ckpt")  # a non-data object
     config, batchtopk_config = _write_configs(root, cache)
     return World(
         root, model, tokens, cache, export, topk_export, root / "topk.ckpt",
@@ -501,7 +502,7 @@ def _cases() -> list[Case]:
             ),
             "FloatingPointError",
             ("global step 1", "NaN or inf"),
-            "resume from a checkpoint saved before step 1",
+            "Check the activation source",
         ),
         C(
             "train-zero-first-batch",
@@ -590,6 +591,13 @@ def _cases() -> list[Case]:
             "ValueError",
             ("truncated.ckpt",),
             "Pass a .ckpt",
+        ),
+        C(
+            "load-checkpoint-with-objects",
+            lambda w, t: SAEModule.load_from_checkpoint(w.bad / "foreign.ckpt"),
+            "ValueError",
+            ("foreign.ckpt", "PosixPath"),
+            "only if you trust the file, load it with weights_only=False",
         ),
         C(
             "load-as-other-class",
@@ -729,7 +737,7 @@ def _cases() -> list[Case]:
             lambda w, t: SAELensExport(t, every_n_steps=0),
             "ValueError",
             ("every_n_steps", "0"),
-            "must be positive (an int, or None)",
+            "positive",
         ),
         C(
             "export-callback-too-few-holdout",

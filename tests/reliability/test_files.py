@@ -129,3 +129,51 @@ def test_a_checkpoint_write_that_runs_out_of_space_replaces_nothing(
     with pytest.raises(OSError, match="Free disk space"):
         trainer.save_checkpoint(tmp_path / "new.ckpt")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_swap_cut_between_its_two_renames_is_undone_by_the_next_write(tmp_path: Path):
+    # A kill between "target -> .target.old-*" and ".target.tmp-* -> target" leaves no target.
+    target = tmp_path / "sae"
+    old = tmp_path / ".sae.old-0badf00d"
+    old.mkdir()
+    (old / "cfg.json").write_text("{}")
+    (tmp_path / ".sae.tmp-0badf00d").mkdir()  # the new copy, cut short
+
+    def refuse(path: Path) -> None:
+        raise FileExistsError("the next write fails too")
+
+    with pytest.raises(FileExistsError), lightning_sae.io.atomic_folder(target, check=refuse):
+        pass
+    assert (target / "cfg.json").read_text() == "{}"  # the previous folder is back
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"]
+
+
+def test_resume_is_exact_for_the_density_window_and_dead_latents(tmp_path: Path):
+    """sparsity.safetensors and the dead-latent counters of a resumed run equal an uninterrupted
+    run's: the open window (its counts and token count) is in the checkpoint."""
+    from reliability.cases import cache_data, fit, live_data, tiny_model
+
+    torch.manual_seed(0)
+    cache = live_data(tiny_model(), torch.randint(0, 50, (48, 40))).write_cache(
+        tmp_path / "cache", n_tokens=1024, tokens_per_file=256, holdout_tokens=128
+    )
+
+    def module() -> TopKSAE:  # a window of 6 steps: one closes at step 6, another is open at 8
+        return TopKSAE(d_in=16, d_sae=32, k=2, seed=0, dead_window_tokens=6 * 64)
+
+    whole = module()
+    fit(whole, tmp_path / "whole", cache_data(cache), max_steps=8)
+    half = module()
+    trainer = fit(half, tmp_path / "half", cache_data(cache), max_steps=3)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = module()
+    fit(resumed, tmp_path / "resumed", cache_data(cache), tmp_path / "half.ckpt", max_steps=8)
+
+    state, again = whole.state_dict(), resumed.state_dict()
+    assert state.keys() == again.keys()
+    for name in state:  # weights, Adam-fed parameters, counters, the window's metric state
+        assert torch.equal(state[name], again[name]), name
+    for path in (export_to_sae_lens(m, tmp_path / n) for m, n in [(whole, "a"), (resumed, "b")]):
+        assert (path / "sparsity.safetensors").exists()
+    sparsity = [(tmp_path / n / "sparsity.safetensors").read_bytes() for n in ("a", "b")]
+    assert sparsity[0] == sparsity[1]
