@@ -38,7 +38,7 @@ class FastGatedTrainingSAE(GatedTrainingSAE):
 
     #: Largest fraction of open gates for which the sparse pass is used (measured crossover,
     #: ``benchmarks/bench_step.py``).
-    sparse_density_limit: ClassVar[float] = 0.05
+    sparse_density_limit: ClassVar[float] = 0.1
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:

@@ -43,7 +43,7 @@ class FastStandardTrainingSAE(StandardTrainingSAE):
 
     #: Largest fraction of active latents for which the sparse pass is used (measured crossover,
     #: ``benchmarks/bench_step.py``).
-    sparse_density_limit: ClassVar[float] = 0.05
+    sparse_density_limit: ClassVar[float] = 0.1
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
