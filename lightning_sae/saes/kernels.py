@@ -313,7 +313,8 @@ class SparseDecode(torch.autograd.Function):
         leaf, out = ctx.graph
         grad_weights = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            (grad_weights,) = torch.autograd.grad(out, leaf, grad)
+            # Retained: the outer graph may be run backward again (retain_graph=True there).
+            (grad_weights,) = torch.autograd.grad(out, leaf, grad, retain_graph=True)
         if ctx.needs_input_grad[1]:
             layout: EntryLayout = ctx.layout
             grad_W_dec = _latent_sums(layout, layout.bags, grad, weights)
@@ -357,14 +358,14 @@ def positive_entries(pre: Tensor) -> Entries:
     return Entries(rows, cols, pre[positive], row_offsets(rows, pre.shape[0]))
 
 
-def runs_sae_lens_pass(sae: torch.nn.Module) -> bool:
-    """Whether ``sae`` must take sae-lens's own training pass instead of our fast one.
+def runs_sae_lens_pass(sae: torch.nn.Module, sae_in: Tensor) -> bool:
+    """Whether ``sae`` must take sae-lens's own training pass on ``sae_in`` instead of ours.
 
-    Our passes skip sae-lens's hook points and its run-time input normalisations; an SAE with a
-    hook attached, or with ``normalize_activations`` ``constant_norm_rescale``/``layer_norm``,
-    trains through sae-lens's code.
+    Our passes take ``[tokens, d_in]`` inputs and skip sae-lens's hook points and its run-time
+    input normalisations: other input shapes, an SAE with a hook attached, or
+    ``normalize_activations`` ``constant_norm_rescale``/``layer_norm`` train through sae-lens.
     """
-    if sae.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+    if sae_in.ndim != 2 or sae.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
         return True
     return any(hook._forward_hooks or hook._backward_hooks for hook in sae.hook_dict.values())
 
