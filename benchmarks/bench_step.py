@@ -130,8 +130,9 @@ def make_step(
 ) -> Callable[[], None]:
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        output = sae.training_forward_pass(step_input)
-        output.loss.backward()
+        # Like Lightning: the step's outputs are gone (metrics taken) before the backward pass.
+        loss = sae.training_forward_pass(step_input).loss
+        loss.backward()
         optimizer.step()
 
     return step
