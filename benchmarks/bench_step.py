@@ -19,6 +19,7 @@ crossover behind their ``sparse_density_limit``).
     python benchmarks/bench_step.py                  # d_in 512, batch 4096, k 32, d_sae 8192 32768
     python benchmarks/bench_step.py --device cuda
     python benchmarks/bench_step.py --quick          # tiny sizes, seconds (smoke test)
+    python benchmarks/bench_step.py --threads 1      # steadier on a shared, busy machine
 
 Writes ``benchmarks/results/step.json`` and ``step.md`` (``--out`` to change the folder).
 """
@@ -56,8 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--architectures", nargs="+", default=list(TRAINING_CLASSES))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.d_in, args.d_sae, args.batch, args.k, args.repeats = 32, [256], 128, 4, 1
     return args

@@ -40,7 +40,7 @@ class FastGatedTrainingSAE(GatedTrainingSAE):
 
     #: Largest fraction of open gates for which the sparse pass is used (measured crossover,
     #: ``benchmarks/bench_step.py``).
-    sparse_density_limit: ClassVar[float] = 0.1
+    sparse_density_limit: ClassVar[float] = 0.075
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
