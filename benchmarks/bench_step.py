@@ -12,11 +12,14 @@ gradients, in copies of one ``[B, d_sae]`` float32 tensor (CPU: process RSS; CUD
 Rows: ``topk``, ``batchtopk``, ``matryoshka_batchtopk`` (widths d/8, d/4, d/2, d) without and
 with AuxK (``--dead-fraction`` of the latents dead); ``standard`` and ``gated`` with biases set
 for a trained-like ``L0 ≈ k`` and at initialisation (half the latents active). Also Adam's step
-over the TopK parameters: default (for-loop), ``foreach=True``, ``fused=True``.
+over the TopK parameters (default for-loop, ``foreach=True``, ``fused=True``) and, for
+``standard``/``gated``, our step with the sparse path forced on and off by density (the
+crossover behind their ``sparse_density_limit``).
 
     python benchmarks/bench_step.py                  # d_in 512, batch 4096, k 32, d_sae 8192 32768
     python benchmarks/bench_step.py --device cuda
     python benchmarks/bench_step.py --quick          # tiny sizes, seconds (smoke test)
+    python benchmarks/bench_step.py --threads 1      # steadier on a shared, busy machine
 
 Writes ``benchmarks/results/step.json`` and ``step.md`` (``--out`` to change the folder).
 """
@@ -54,8 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--architectures", nargs="+", default=list(TRAINING_CLASSES))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.d_in, args.d_sae, args.batch, args.k, args.repeats = 32, [256], 128, 4, 1
     return args
@@ -128,8 +134,9 @@ def make_step(
 ) -> Callable[[], None]:
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        output = sae.training_forward_pass(step_input)
-        output.loss.backward()
+        # Like Lightning: the step's outputs are gone (metrics taken) before the backward pass.
+        loss = sae.training_forward_pass(step_input).loss
+        loss.backward()
         optimizer.step()
 
     return step
@@ -229,6 +236,44 @@ def measure_adam(args: argparse.Namespace, d_sae: int) -> dict:
     return {"d_sae": d_sae, **{name: round(min(times[name]) / unit, 3) for name in variants}}
 
 
+def measure_crossover(architecture: str, args: argparse.Namespace, d_sae: int) -> list[dict]:
+    """Our step with the sparse path forced on and off, over densities (sets the class limit)."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    sae = TRAINING_CLASSES[architecture](build_config(architecture, args, d_sae)).to(device)
+    x = torch.randn(args.batch, args.d_in, device=device)
+    step_input = TrainStepInput(
+        sae_in=x,
+        coefficients={"l1": 1.0},
+        dead_neuron_mask=None,
+        n_training_steps=0,
+        is_logging_step=False,
+    )
+    step = make_step(sae, torch.optim.Adam(sae.parameters(), lr=1e-6, fused=True), step_input)
+    bias = sae.b_gate if architecture == "gated" else sae.b_enc
+    clock = Clock(device)
+    rows = []
+    for density in (0.02, 0.05, 0.1, 0.2):
+        set_density(sae, x, density)
+        times: dict[str, list[float]] = {"unit": [], "sparse": [], "dense": []}
+        for _ in range(args.repeats):
+            times["unit"].append(clock(lambda: torch.addmm(bias, x, sae.W_enc)))
+            for name, limit in (("sparse", 1.0), ("dense", 0.0)):
+                sae.sparse_density_limit = limit
+                step()  # warm-up of this path
+                times[name].append(clock(step))
+        unit = min(times["unit"])
+        rows.append(
+            {
+                "architecture": architecture,
+                "density": density,
+                "sparse_x": round(min(times["sparse"]) / unit, 2),
+                "dense_x": round(min(times["dense"]) / unit, 2),
+            }
+        )
+    return rows
+
+
 def write_markdown(result: dict, path: Path) -> None:
     c = result["config"]
     lines = [
@@ -260,6 +305,17 @@ def write_markdown(result: dict, path: Path) -> None:
     ]
     for row in result["adam"]:
         lines.append(f"| {row['d_sae']} | {row['default']} | {row['foreach']} | {row['fused']} |")
+    lines += [
+        "",
+        f"Ours with the sparse path forced on/off, by active fraction (d_sae {c['d_sae'][0]}):",
+        "",
+        "| architecture | density | sparse | dense |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in result["crossover"]:
+        lines.append(
+            f"| {row['architecture']} | {row['density']} | {row['sparse_x']}× | {row['dense_x']}× |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -281,6 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append(measure_row(architecture, label, args, d_sae, active))
                 print(json.dumps(rows[-1]), flush=True)
     adam = [measure_adam(args, d_sae) for d_sae in args.d_sae]
+    crossover = [
+        row
+        for architecture in ("standard", "gated")
+        if architecture in args.architectures
+        for row in measure_crossover(architecture, args, args.d_sae[0])
+    ]
     loads = [load for row in rows for load in row["load_1min"]]
     result = {
         "config": {
@@ -295,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_1min": {"start": round(start_load, 2), "min": min(loads), "max": max(loads)},
         "rows": rows,
         "adam": adam,
+        "crossover": crossover,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "step.json").write_text(json.dumps(result, indent=2) + "\n")

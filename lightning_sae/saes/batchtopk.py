@@ -48,7 +48,8 @@ class FastBatchTopKTrainingSAE(SparseTopKTraining, BatchTopKTrainingSAE):
     def finish_sparse_pass(self, output: TrainStepOutput) -> None:
         """sae-lens's EMA of the smallest positive kept activation, with no host read."""
         values = output.feature_acts.values()
-        smallest = torch.where(values > 0, values, torch.inf).amin()
+        positive = torch.where(values > 0, values, torch.inf)
+        smallest = torch.cat([positive, positive.new_full((1,), torch.inf)]).amin()
         lr = self.cfg.topk_threshold_lr
         threshold = self.topk_threshold
         updated = (1 - lr) * threshold + lr * smallest.to(threshold.dtype)

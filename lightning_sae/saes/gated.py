@@ -7,6 +7,8 @@ rounding), and its backward skips the input gradient. When at most ``sparse_dens
 the gates are open, both decoders (the SAE's and the auxiliary one through ``relu(gate)``), the
 penalty and every gradient run on the open gates only, in one ``embedding_bag``; else they are
 dense. The density is read on the host (free on CPU; on CUDA one synchronisation).
+``feature_acts`` is then a CSR tensor; ``hidden_pre`` (the magnitude pre-activations) is returned
+without gradient, and the inputs ``sae_in`` receive none.
 
 >>> from sae_lens.saes.gated_sae import GatedTrainingSAEConfig
 >>> sae = FastGatedTrainingSAE(GatedTrainingSAEConfig(d_in=8, d_sae=32))
@@ -38,12 +40,12 @@ class FastGatedTrainingSAE(GatedTrainingSAE):
 
     #: Largest fraction of open gates for which the sparse pass is used (measured crossover,
     #: ``benchmarks/bench_step.py``).
-    sparse_density_limit: ClassVar[float] = 0.05
+    sparse_density_limit: ClassVar[float] = 0.075
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """sae-lens's training pass, dense or sparse by the fraction of open gates."""
-        if runs_sae_lens_pass(self):
+        if runs_sae_lens_pass(self, step_input.sae_in):
             return super().training_forward_pass(step_input)
         with torch.autocast(step_input.sae_in.device.type, enabled=False):
             return self._fast_pass(step_input)

@@ -1,18 +1,20 @@
 """Sparse kernels of the training hot path, shared by our training SAE classes.
 
-Only torch ops that exist on CPU and CUDA. The TopK family works on *entries*: ``rows`` (token
+Only torch ops that exist on CPU and CUDA. The sparse passes work on *entries*: ``rows`` (token
 index) and ``cols`` (latent index) of the few non-zero latents. After one dense encoder product
 (``scores``, no autograd graph), everything else touches the entries only:
 
-* :class:`SampledEncoder` returns the pre-activations at the entries with a backward pass that
-  builds ``W_enc``'s gradient from the entries alone (``embedding_bag`` over the inputs, one bag
-  per latent) — never a dense ``[B, d_sae]`` gradient;
-* :func:`sparse_decode` is ``F.embedding_bag`` over ``W_dec`` (one bag per token), whose own
-  backward gives ``W_dec``'s gradient and the entries' gradients (a sampled product);
-* selection: :func:`row_topk` (per-row top-k, on one shard of the latents or all of them),
-  :func:`merge_row_topk` (the same across shards), and the exact batch top-k
-  :func:`row_candidates` → :func:`select_batch_topk` (→ :func:`extend_candidates` where the
-  exactness check fails).
+* :class:`SampledEncoder` returns the pre-activations at the entries; its backward builds
+  ``W_enc``'s gradient from the entries alone (one ``embedding_bag`` over the inputs, one bag per
+  latent) — never a dense ``[B, d_sae]`` gradient;
+* :class:`SparseDecode` is an ``embedding_bag`` over ``W_dec`` (one bag per output row); its
+  backward gives the entries' gradients (sampled products) and ``W_dec``'s (one bag per latent);
+* :class:`EntryLayout` holds both orders of the entries (by output row, by latent), built once;
+* selection: :func:`topk_entries` (per token), :func:`batch_topk_entries` (exact batch top-k:
+  :func:`row_candidates` → :func:`select_batch_topk` → :func:`extend_candidates` where the
+  exactness check fails), :func:`dead_row_topk` (AuxK), :func:`positive_entries` (ReLU);
+* :class:`DenseEncoder`: the dense encoder product for the Standard/Gated dense paths, whose
+  backward skips the input gradient.
 
 Sharding: a rank holding latents ``[offset, offset + d_local)`` calls :func:`row_topk` or
 :func:`row_candidates` with ``column_offset=offset``; the candidates of all ranks (values, rows,
@@ -142,7 +144,10 @@ def batch_topk_entries(scores: Tensor, total: int, m: int) -> Entries:
     per step on CUDA (the alternative, a top-k over all ``B·d`` values, costs ~10 per-row ones).
     """
     batch, width = scores.shape
-    m = max(1, min(m, width))
+    if total == 0:  # k·B < 1: nothing fires, as in sae-lens
+        empty = torch.zeros(0, dtype=torch.long, device=scores.device)
+        return Entries(empty, empty, scores.new_zeros(0), row_offsets(empty, batch))
+    m = min(max(m, -(-total // batch)), width)  # at least `total` candidates in all
     candidates = row_candidates(scores, m)
     while True:
         position, _, saturated = select_batch_topk(candidates, total)
@@ -313,7 +318,8 @@ class SparseDecode(torch.autograd.Function):
         leaf, out = ctx.graph
         grad_weights = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            (grad_weights,) = torch.autograd.grad(out, leaf, grad)
+            # Retained: the outer graph may be run backward again (retain_graph=True there).
+            (grad_weights,) = torch.autograd.grad(out, leaf, grad, retain_graph=True)
         if ctx.needs_input_grad[1]:
             layout: EntryLayout = ctx.layout
             grad_W_dec = _latent_sums(layout, layout.bags, grad, weights)
@@ -357,14 +363,14 @@ def positive_entries(pre: Tensor) -> Entries:
     return Entries(rows, cols, pre[positive], row_offsets(rows, pre.shape[0]))
 
 
-def runs_sae_lens_pass(sae: torch.nn.Module) -> bool:
-    """Whether ``sae`` must take sae-lens's own training pass instead of our fast one.
+def runs_sae_lens_pass(sae: torch.nn.Module, sae_in: Tensor) -> bool:
+    """Whether ``sae`` must take sae-lens's own training pass on ``sae_in`` instead of ours.
 
-    Our passes skip sae-lens's hook points and its run-time input normalisations; an SAE with a
-    hook attached, or with ``normalize_activations`` ``constant_norm_rescale``/``layer_norm``,
-    trains through sae-lens's code.
+    Our passes take ``[tokens, d_in]`` inputs and skip sae-lens's hook points and its run-time
+    input normalisations: other input shapes, an SAE with a hook attached, or
+    ``normalize_activations`` ``constant_norm_rescale``/``layer_norm`` train through sae-lens.
     """
-    if sae.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+    if sae_in.ndim != 2 or sae.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
         return True
     return any(hook._forward_hooks or hook._backward_hooks for hook in sae.hook_dict.values())
 

@@ -6,7 +6,8 @@ When at most ``sparse_density_limit`` of the latents fire (and ``lp_norm`` is 1)
 the penalty and every gradient run on the active entries only, as in the TopK family; else the
 decoder is dense. The density is read on the host (free on CPU; on CUDA one synchronisation).
 
-``feature_acts`` is dense on the dense path and a CSR tensor on the sparse one.
+``feature_acts`` is dense on the dense path and a CSR tensor on the sparse one; ``hidden_pre`` is
+returned without gradient, and the inputs ``sae_in`` receive none.
 
 >>> from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
 >>> sae = FastStandardTrainingSAE(StandardTrainingSAEConfig(d_in=8, d_sae=32))
@@ -43,12 +44,12 @@ class FastStandardTrainingSAE(StandardTrainingSAE):
 
     #: Largest fraction of active latents for which the sparse pass is used (measured crossover,
     #: ``benchmarks/bench_step.py``).
-    sparse_density_limit: ClassVar[float] = 0.05
+    sparse_density_limit: ClassVar[float] = 0.1
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """sae-lens's training pass, dense or sparse by the fraction of active latents."""
-        if runs_sae_lens_pass(self):
+        if runs_sae_lens_pass(self, step_input.sae_in):
             return super().training_forward_pass(step_input)
         with torch.autocast(step_input.sae_in.device.type, enabled=False):
             return self._fast_pass(step_input)

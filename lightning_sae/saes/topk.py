@@ -83,7 +83,7 @@ class SparseTopKTraining:
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """sae-lens's training pass, computed on the active entries only."""
-        if runs_sae_lens_pass(self):
+        if runs_sae_lens_pass(self, step_input.sae_in):
             return super().training_forward_pass(step_input)  # type: ignore[misc]
         with torch.autocast(step_input.sae_in.device.type, enabled=False):
             output = self._sparse_training_pass(step_input)

@@ -47,3 +47,10 @@ def test_no_positive_activation_leaves_the_threshold_alone():
             sae.b_enc.fill_(-100.0)
     assert_same_step(reference, fast, torch.randn(16, D_IN))
     assert fast.topk_threshold.item() == 0.25
+
+
+def test_fewer_than_one_winner_per_batch_fires_nothing():
+    cfg = BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=0.01)
+    reference, fast = build_pair(BatchTopKTrainingSAE, FastBatchTopKTrainingSAE, cfg, torch.float64)
+    output = assert_same_step(reference, fast, torch.randn(32, D_IN, dtype=torch.float64))
+    assert output.feature_acts.values().numel() == 0

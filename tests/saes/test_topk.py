@@ -3,6 +3,7 @@
 import pytest
 import torch
 from sae_lens import SAE
+from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from saes.sae_parity import assert_same_step, build_pair, training_pass
 
@@ -48,6 +49,33 @@ def test_hooked_sae_takes_the_sae_lens_pass():
     output = assert_same_step(reference, fast, torch.randn(8, D_IN))
     assert seen == [(8, D_SAE)]
     assert output.feature_acts.layout == torch.strided
+
+
+def test_token_grids_take_the_sae_lens_pass():
+    cfg = TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K)
+    reference, fast = build_pair(TopKTrainingSAE, FastTopKTrainingSAE, cfg, torch.float64)
+    x = torch.randn(2, 8, D_IN, dtype=torch.float64)
+    output = assert_same_step(reference, fast, x, dead_mask(20))
+    assert output.feature_acts.shape == (2, 8, D_SAE)
+
+
+def test_retained_graph_runs_backward_twice():
+    cfg = TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K)
+    _, fast = build_pair(TopKTrainingSAE, FastTopKTrainingSAE, cfg, torch.float64)
+    output = fast.training_forward_pass(
+        TrainStepInput(
+            sae_in=torch.randn(8, D_IN, dtype=torch.float64),
+            coefficients={},
+            dead_neuron_mask=dead_mask(20),
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+    )
+    output.loss.backward(retain_graph=True)
+    once = {name: p.grad.clone() for name, p in fast.named_parameters()}
+    output.loss.backward()
+    for name, parameter in fast.named_parameters():
+        torch.testing.assert_close(parameter.grad, 2 * once[name], msg=name)
 
 
 @pytest.mark.parametrize("architecture", sorted(TRAINING_CLASSES))
