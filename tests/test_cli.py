@@ -81,8 +81,8 @@ def test_example_trains_and_exports(config: Path, tmp_path: Path):
     sae = SAE.load_from_disk(str(export))
     assert sae.cfg.architecture() == EXPORTED_AS[config.stem]
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (576, 64)  # d_in linked from the DataModule
-    assert sae.cfg.metadata.hook_name == "model.layers.0"
-    assert sae.cfg.metadata.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"  # model.layers.0's TL name
+    assert sae.cfg.metadata.model_name == "smollm2-135m"
     assert torch.isfinite(sae.W_dec).all()
 
     (saved,) = tmp_path.glob("lightning_logs/version_0/config.yaml")  # beside the logs
