@@ -34,8 +34,6 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
     # The modules define validation_step; this run has no validation data.
     warnings.filterwarnings("ignore", r".*validation_step.*val_dataloader")
-    # "GPU available: False", the litlogger tip: Lightning's start-up notes.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 
 quiet()
@@ -58,6 +56,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32, help="active latents per token")
     parser.add_argument("--out", type=Path, default=Path("runs/default"))
     args = parser.parse_args()
+    # Lightning's start-up notes ("GPU available: False", a tip); its import set the level to INFO.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     transformers.logging.disable_progress_bar()
     torch.manual_seed(0)
     start = time.perf_counter()
