@@ -8,30 +8,54 @@
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+
 from lightning_sae.modules.base import SAEModule
 from lightning_sae.modules.validation import check_positive
+from lightning_sae.saes.jumprelu import (
+    AdaptiveJumpReLUTrainingSAE,
+    AdaptiveJumpReLUTrainingSAEConfig,
+)
 
 
 class JumpReLUSAE(SAEModule):
     """JumpReLU SAE (Rajamanoharan et al. 2024) trained with an L0 penalty.
 
     Gradients reach the threshold through straight-through estimators; the threshold stays float32
-    under any precision.
+    under any precision. The training SAE is
+    :class:`~lightning_sae.saes.jumprelu.AdaptiveJumpReLUTrainingSAE` (sae-lens's, plus the
+    options below); exports are sae-lens ``jumprelu`` folders. ``target_l0`` makes the sparsity a
+    setting: the thresholds start at the requested L0 and a controller adapts the L0 coefficient
+    to keep it there. ``jumprelu_threshold_lr_scale=1`` without ``target_l0`` trains exactly as
+    sae-lens does.
 
     Args:
         d_in: Width of the activations.
         d_sae: Number of latents.
-        l0_coefficient: Weight of the L0 (or tanh/quadratic) sparsity penalty.
+        l0_coefficient: Weight λ of the L0 (or tanh/quadratic) sparsity penalty; with
+            ``target_l0``, its starting value.
         jumprelu_bandwidth: Width ε of the rectangle kernel of the pseudo-derivatives.
-        jumprelu_init_threshold: Initial threshold θ₀ of every latent.
+        jumprelu_init_threshold: Initial threshold θ₀ of every latent (without ``target_l0``).
         jumprelu_sparsity_loss_mode: ``step`` (DeepMind), ``tanh`` (Anthropic) or ``quadratic``.
         pre_act_loss_coefficient: Anthropic's pre-activation loss weight (``None`` disables it).
-        target_l0: Target L0 of the ``quadratic`` mode (required by it, ignored otherwise).
+        target_l0: Mean active latents per token to reach (required by ``quadratic``, where it
+            is also the penalty's centre); ``None``: the plain λ penalty.
+        jumprelu_threshold_lr_scale: How many times faster than ``lr`` the thresholds learn
+            (>= 1; 1 is sae-lens's speed, at which λ barely steers L0 in a normal budget).
+        l0_controller_gain: Gain of the controller adapting λ toward ``target_l0`` (0 disables).
+        jumprelu_threshold_init_from_data: With ``target_l0``, set the thresholds on the first
+            training batch so that every latent fires on ``target_l0 / d_sae`` of the tokens.
         **kwargs: Training options of :class:`SAEModule`.
 
     """
 
     architecture = "jumprelu"
+    training_sae_class = AdaptiveJumpReLUTrainingSAE
+    full_precision_tensors = (
+        *SAEModule.full_precision_tensors,
+        "previous_threshold",
+        "log_l0_coefficient_scale",
+    )
     sae_config_fields: ClassVar[dict[str, str]] = {
         **SAEModule.sae_config_fields,
         "l0_coefficient": "l0_coefficient",
@@ -41,6 +65,9 @@ class JumpReLUSAE(SAEModule):
         "jumprelu_sparsity_loss_mode": "jumprelu_sparsity_loss_mode",
         "pre_act_loss_coefficient": "pre_act_loss_coefficient",
         "target_l0": "target_l0",
+        "jumprelu_threshold_lr_scale": "jumprelu_threshold_lr_scale",
+        "l0_controller_gain": "l0_controller_gain",
+        "jumprelu_threshold_init_from_data": "jumprelu_threshold_init_from_data",
     }
 
     def __init__(
@@ -53,9 +80,25 @@ class JumpReLUSAE(SAEModule):
         jumprelu_sparsity_loss_mode: Literal["step", "tanh", "quadratic"] = "step",
         pre_act_loss_coefficient: float | None = None,
         target_l0: float | None = None,
+        jumprelu_threshold_lr_scale: float = 30.0,
+        l0_controller_gain: float = 0.02,
+        jumprelu_threshold_init_from_data: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(d_in=d_in, d_sae=d_sae, **kwargs)
+
+    @classmethod
+    def sae_classes(cls) -> tuple[type[TrainingSAE[Any]], type[TrainingSAEConfig]]:
+        """Return our JumpReLU training class and its config (sae-lens's plus our options)."""
+        return AdaptiveJumpReLUTrainingSAE, AdaptiveJumpReLUTrainingSAEConfig
+
+    @classmethod
+    def sae_config_kwargs(cls, hp: Mapping[str, Any]) -> dict[str, Any]:
+        """Turn the controller and the data start off without a target L0 (plain λ)."""
+        kwargs = super().sae_config_kwargs(hp)
+        if hp["target_l0"] is None:
+            kwargs |= {"l0_controller_gain": 0.0, "jumprelu_threshold_init_from_data": False}
+        return kwargs
 
     @classmethod
     def validate_hparams(cls, hp: Mapping[str, Any]) -> None:

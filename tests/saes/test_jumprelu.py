@@ -1,0 +1,262 @@
+"""AdaptiveJumpReLUTrainingSAE: sae-lens parity, the fast threshold, the data start, the controller.
+
+The synthetic set is issue 10's: 96 unit feature directions in 32 dimensions (sae-lens
+``FeatureDictionary``), each firing with p = 0.04 (about 3.8 per token), d_sae 128, batch 1024.
+"""
+
+import copy
+
+import pytest
+import torch
+from helpers import quiet_trainer
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.synthetic import ActivationGenerator, FeatureDictionary
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_sae import JumpReLUSAE
+from lightning_sae.saes.jumprelu import (
+    MAX_LOG_SCALE,
+    AdaptiveJumpReLUTrainingSAE,
+    AdaptiveJumpReLUTrainingSAEConfig,
+)
+
+D_IN, D_SAE = 8, 32
+
+
+def reference(mode: str = "step", seed: int = 0, **kwargs) -> JumpReLUTrainingSAE:
+    """sae-lens's own training SAE, with non-trivial biases and thresholds."""
+    torch.manual_seed(seed)
+    target = {"target_l0": 4.0} if mode == "quadratic" else {}
+    cfg = JumpReLUTrainingSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, jumprelu_sparsity_loss_mode=mode, **(target | kwargs)
+    )
+    sae = JumpReLUTrainingSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.mul_(20.0)  # pre-activations of order 1, so thresholds matter
+        sae.b_enc.normal_(0.0, 0.1)
+        sae.b_dec.normal_(0.0, 0.1)
+        sae.threshold.uniform_(0.0, 0.4)
+    return sae
+
+
+def step_input(x: torch.Tensor, coefficient: float = 0.7, step: int = 0) -> TrainStepInput:
+    return TrainStepInput(
+        sae_in=x,
+        coefficients={"l0": coefficient},
+        dead_neuron_mask=None,
+        n_training_steps=step,
+        is_logging_step=False,
+    )
+
+
+def grads(sae: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["step", "tanh", "quadratic"])
+def test_default_config_trains_exactly_as_sae_lens(mode):
+    """Same weights and batch: same loss terms, outputs and gradients (exact: same float ops)."""
+    theirs = reference(mode)
+    ours = AdaptiveJumpReLUTrainingSAE.from_sae_lens(theirs)
+    x = torch.randn(64, D_IN)
+    out_theirs = theirs.training_forward_pass(step_input(x))
+    out_ours = ours.training_forward_pass(step_input(x))
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    assert 0 < (out_ours.feature_acts > 0).float().mean() < 1  # thresholds do cut
+    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=0, atol=0)
+    for name in out_theirs.losses:
+        torch.testing.assert_close(out_ours.losses[name], out_theirs.losses[name], rtol=0, atol=0)
+    torch.testing.assert_close(out_ours.feature_acts, out_theirs.feature_acts, rtol=0, atol=0)
+    torch.testing.assert_close(out_ours.sae_out, out_theirs.sae_out, rtol=0, atol=0)
+    ours_grads, theirs_grads = grads(ours), grads(theirs)
+    assert set(ours_grads) == set(theirs_grads)
+    for name, grad in theirs_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_controlled_coefficient_is_sae_lens_loss_with_scaled_lambda():
+    theirs = reference()
+    ours = AdaptiveJumpReLUTrainingSAE.from_sae_lens(theirs, target_l0=4.0, l0_controller_gain=0.1)
+    ours.log_l0_coefficient_scale.fill_(torch.log(torch.tensor(3.0)).item())
+    x = torch.randn(64, D_IN)
+    out_ours = ours.training_forward_pass(step_input(x, coefficient=0.5))
+    out_theirs = theirs.training_forward_pass(step_input(x, coefficient=1.5))
+    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=1e-6, atol=0)
+
+
+def test_threshold_learns_lr_scale_times_faster():
+    """With SGD, m times sae-lens's threshold step; every other parameter moves alike."""
+    m, lr = 7.0, 0.05
+    theirs = reference()
+    ours = AdaptiveJumpReLUTrainingSAE.from_sae_lens(theirs, jumprelu_threshold_lr_scale=m)
+    start = copy.deepcopy(theirs.state_dict())
+    opt_theirs = torch.optim.SGD(
+        [
+            {"params": [p for n, p in theirs.named_parameters() if n != "threshold"], "lr": lr},
+            {"params": [theirs.threshold], "lr": m * lr},
+        ]
+    )
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=lr)
+    x = torch.randn(64, D_IN)
+    for sae, opt in ((theirs, opt_theirs), (ours, opt_ours)):
+        sae.training_forward_pass(step_input(x)).loss.backward()
+        opt.step()
+    ours.training_forward_pass(step_input(x))  # the next pass applies the m-fold step
+    assert not torch.equal(theirs.threshold, start["threshold"])
+    for name, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_threshold_step_is_scaled_only_in_training_mode():
+    sae = AdaptiveJumpReLUTrainingSAE.from_sae_lens(reference(), jumprelu_threshold_lr_scale=5.0)
+    with torch.no_grad():
+        sae.threshold.add_(0.01)  # as if the optimiser had moved it
+    moved = sae.threshold.detach().clone()
+    sae.eval()
+    sae.training_forward_pass(step_input(torch.randn(8, D_IN)))
+    torch.testing.assert_close(sae.threshold.detach(), moved)
+
+
+def test_initialize_from_batch_starts_at_the_target_l0():
+    cfg = AdaptiveJumpReLUTrainingSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, target_l0=4.0, jumprelu_threshold_init_from_data=True
+    )
+    torch.manual_seed(0)
+    sae = AdaptiveJumpReLUTrainingSAE(cfg)
+    x = torch.randn(4096, D_IN) * 3 + 5  # a large mean, as residual streams have
+    sae.initialize_from_batch(x)
+    torch.testing.assert_close(sae.b_dec.detach(), x.mean(dim=0))
+    torch.testing.assert_close(sae.previous_threshold, sae.threshold.detach())
+    active = (sae.encode(x) > 0).float()
+    assert active.sum(dim=-1).mean().item() == pytest.approx(4.0, rel=0.01)
+    # Every latent fires on its share of the tokens: none starts dead.
+    torch.testing.assert_close(
+        active.mean(dim=0), torch.full((D_SAE,), 4.0 / D_SAE), rtol=0, atol=1e-3
+    )
+
+
+def test_initialize_from_batch_keeps_a_trained_decoder_bias():
+    sae = AdaptiveJumpReLUTrainingSAE.from_sae_lens(
+        reference(), target_l0=4.0, jumprelu_threshold_init_from_data=True
+    )
+    b_dec = sae.b_dec.detach().clone()
+    sae.initialize_from_batch(torch.randn(1024, D_IN) + 5)
+    torch.testing.assert_close(sae.b_dec.detach(), b_dec)
+
+
+def test_initialize_from_batch_is_a_no_op_without_the_option():
+    sae = AdaptiveJumpReLUTrainingSAE.from_sae_lens(reference(), target_l0=4.0)
+    state = copy.deepcopy(sae.state_dict())
+    sae.initialize_from_batch(torch.randn(256, D_IN))
+    for name, value in state.items():
+        assert torch.equal(sae.state_dict()[name], value), name
+
+
+def test_controller_moves_lambda_toward_the_target_and_is_bounded():
+    sae = AdaptiveJumpReLUTrainingSAE.from_sae_lens(
+        reference(), target_l0=1.0, l0_controller_gain=0.5
+    )
+    x = torch.randn(64, D_IN)
+    l0 = (sae.training_forward_pass(step_input(x)).feature_acts > 0).sum(-1).float().mean()
+    assert l0 > 1.0  # so the controller raises λ
+    expected = 0.5 * torch.log(l0.double().clamp(max=10.0))
+    torch.testing.assert_close(sae.log_l0_coefficient_scale, expected)
+    for _ in range(200):
+        sae.training_forward_pass(step_input(x))
+    assert sae.log_l0_coefficient_scale.item() == pytest.approx(MAX_LOG_SCALE)
+    sae.cfg.target_l0 = float(D_SAE)  # far above: λ falls
+    sae.training_forward_pass(step_input(x))
+    assert sae.log_l0_coefficient_scale.item() < MAX_LOG_SCALE
+    assert AdaptiveJumpReLUTrainingSAE.rank_averaged_state == ("log_l0_coefficient_scale",)
+
+
+def test_state_round_trips_and_exports_as_plain_jumprelu(tmp_path):
+    sae = AdaptiveJumpReLUTrainingSAE.from_sae_lens(
+        reference(), target_l0=4.0, l0_controller_gain=0.1, jumprelu_threshold_lr_scale=3.0
+    )
+    sae.training_forward_pass(step_input(torch.randn(32, D_IN)))
+    again = AdaptiveJumpReLUTrainingSAE(copy.deepcopy(sae.cfg))
+    again.load_state_dict(sae.state_dict())  # a training checkpoint keeps our buffers
+    assert torch.equal(again.log_l0_coefficient_scale, sae.log_l0_coefficient_scale)
+
+    sae.save_inference_model(tmp_path)
+    from sae_lens import SAE
+
+    loaded = SAE.load_from_disk(tmp_path)
+    assert loaded.cfg.architecture() == "jumprelu"
+    assert set(loaded.state_dict()) == {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+    # A plain sae-lens state loads strictly; θ_prev restarts at its θ (no spurious step).
+    fresh = AdaptiveJumpReLUTrainingSAE(copy.deepcopy(sae.cfg))
+    fresh.load_state_dict(loaded.state_dict())
+    torch.testing.assert_close(fresh.previous_threshold, loaded.threshold.detach())
+    assert fresh.log_l0_coefficient_scale.item() == 0.0
+
+
+def test_training_state_keeps_full_precision():
+    sae = AdaptiveJumpReLUTrainingSAE.from_sae_lens(reference())
+    sae.to(torch.bfloat16)
+    assert sae.threshold.dtype == sae.previous_threshold.dtype == torch.float32
+    assert sae.log_l0_coefficient_scale.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"jumprelu_threshold_lr_scale": 0.5}, "jumprelu_threshold_lr_scale must be a number >= 1"),
+        ({"l0_controller_gain": -0.1, "target_l0": 4.0}, "l0_controller_gain must be"),
+        ({"l0_controller_gain": 0.1}, "need target_l0"),
+        ({"jumprelu_threshold_init_from_data": True}, "need target_l0"),
+        ({"target_l0": 0.0}, "0 < target_l0 <= d_sae"),
+        ({"target_l0": D_SAE + 1.0}, "0 < target_l0 <= d_sae"),
+    ],
+)
+def test_invalid_options_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptiveJumpReLUTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, **kwargs)
+
+
+# ---------------------------------------------------------------------------- through Trainer.fit
+class IssueSet(IterableDataset):
+    """Endless batches of issue 10's synthetic set (a fixed feature dictionary and seed)."""
+
+    def __init__(self, batch_size: int = 1024, seed: int = 0) -> None:
+        self.batch_size, self.seed = batch_size, seed
+        self.dictionary = FeatureDictionary(96, 32, seed=seed)
+        self.generator = ActivationGenerator(
+            96, firing_probabilities=0.04, std_firing_magnitudes=0.2, mean_firing_magnitudes=1.0
+        )
+
+    def __iter__(self):
+        torch.manual_seed(self.seed)
+        while True:
+            with torch.no_grad():
+                yield self.dictionary(self.generator.sample(self.batch_size))
+
+    def heldout(self, n_tokens: int = 8192) -> torch.Tensor:
+        torch.manual_seed(self.seed + 1)
+        with torch.no_grad():
+            return self.dictionary(self.generator.sample(n_tokens))
+
+
+def fit_l0(steps: int, **kwargs) -> float:
+    """Train a JumpReLUSAE on the issue's set; return its L0 on held-out tokens."""
+    data = IssueSet()
+    module = JumpReLUSAE(d_in=32, d_sae=128, seed=0, **kwargs)
+    quiet_trainer(max_steps=steps).fit(module, DataLoader(data, batch_size=None))
+    with torch.no_grad():
+        return (module.encode(data.heldout()) > 0).sum(-1).float().mean().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [2.0, 8.0])
+def test_target_l0_is_reached_within_ten_percent(target):
+    assert fit_l0(1000, target_l0=target) == pytest.approx(target, rel=0.1)
+
+
+@pytest.mark.slow
+def test_l0_coefficient_steers_l0():
+    """Plain λ mode: λ ×10 clearly lowers L0 once the threshold can move."""
+    low, high = fit_l0(600, l0_coefficient=1.0), fit_l0(600, l0_coefficient=10.0)
+    assert high < 0.6 * low, (low, high)
