@@ -81,16 +81,20 @@ def test_as_good_as_sae_lens_trainer(name, feature_dictionary, synthetic_train, 
     dead_window_steps = 200
     data = synthetic_train[: (32_768 // batch_size) * batch_size]
 
+    # JumpReLU in the mode that trains as sae-lens does (thresholds at the optimiser's rate).
+    same_as_sae_lens = {"jumprelu_threshold_lr_scale": 1.0} if name == "jumprelu" else {}
     module = build(
         name,
         lr=lr,
         normalize_activations=False,  # synthetic data; sae-lens's runner is set to "none" too
         dead_window_tokens=dead_window_steps * batch_size,
+        **same_as_sae_lens,
     )
     # sae-lens's own training class (not our fast one), with identical initial weights.
     reference_cls, _ = get_sae_training_class(module.sae.cfg.architecture())
     reference = reference_cls(copy.deepcopy(module.sae.cfg))
-    reference.load_state_dict(module.sae.state_dict())
+    ours = module.sae.state_dict()  # our training state beyond sae-lens's is left out
+    reference.load_state_dict({name: ours[name] for name in reference.state_dict()})
 
     quiet_trainer(max_steps=steps, gradient_clip_val=1.0).fit(
         module, loader(data, batch_size=batch_size)
