@@ -47,13 +47,13 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        """Return the SAE figures (no ``v_num``), to three significant digits."""
+        """Return the SAE figures (no ``v_num``)."""
         figures = {**trainer.progress_bar_metrics, **_evaluation_figures(trainer)}
         shown = {}
         for suffix, label in _SHOWN.items():  # in this order (tqdm keeps it)
             for name, value in figures.items():
                 if name == suffix or name.endswith(f"/{suffix}"):
-                    shown[name[: len(name) - len(suffix)] + label] = f"{float(value):.3g}"
+                    shown[name[: len(name) - len(suffix)] + label] = _figure(float(value))
         return shown
 
 
@@ -63,3 +63,8 @@ def _evaluation_figures(trainer: Trainer) -> dict[str, Any]:
         for name, value in trainer.callback_metrics.items()
         if name.endswith("eval/ce_loss_recovered")
     }
+
+
+def _figure(value: float) -> str:
+    """Three significant digits, without an exponent for large values (``2521``, ``0.823``)."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
