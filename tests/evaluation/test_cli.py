@@ -63,4 +63,5 @@ def test_callbacks_from_yaml(llama_folder, tmp_path, monkeypatch, capsys):
     assert "train" in out and "4/4" in out and "v_num" not in out and "Epoch" not in out
     last = out.replace("\r", "\n").strip().splitlines()[-1]
     number = r"-?[\d.]+(?:e[-+]\d+)?"
-    assert re.search(rf"4/4 .*l0={number}, ev={number}, tok/s={number}, ce_rec={number}", last), last
+    pattern = rf"4/4 .*l0={number}, ev={number}, tok/s={number}, ce_rec={number}"
+    assert re.search(pattern, last), last
