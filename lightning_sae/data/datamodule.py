@@ -181,7 +181,8 @@ class ActivationDataModule(LightningDataModule):
         # A str, not a Path: checkpoints hold the hyper-parameters, and torch's safe loader
         # (weights_only=True, the default) refuses a pathlib object, so a run could not resume.
         cache_dir = None if cache_dir is None else os.fspath(cache_dir)
-        self.save_hyperparameters(ignore=["model", "dataset", "tokenizer"])
+        # "seed" is the SAE module's name too: Lightning refuses to log two different values.
+        self.save_hyperparameters(ignore=["model", "dataset", "tokenizer", "seed"])
         for name in (
             "context_size",
             "batch_size",

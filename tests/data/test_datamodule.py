@@ -201,3 +201,16 @@ def test_pickles_for_ddp_spawn(model, documents):
     dm = make_dm(model, documents)
     clone = pickle.loads(pickle.dumps(dm))
     torch.testing.assert_close(batches(clone, 2), batches(dm, 2))
+
+
+def test_module_and_data_seeds_may_differ_with_a_logger(model, documents, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    dm = make_dm(model, documents, seed=2)
+    module = BatchTopKSAE(d_in=dm.d_in, d_sae=32, k=4, seed=1)
+    trainer = L.Trainer(
+        max_steps=1, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)  # Lightning logs both modules' hyper-parameters
+    assert trainer.global_step == 1
