@@ -42,7 +42,9 @@ class JumpReLUSAE(SAEModule):
             is also the penalty's centre); ``None``: the plain λ penalty.
         jumprelu_threshold_lr_scale: How many times faster than ``lr`` the thresholds learn
             (>= 1; 1 is sae-lens's speed, at which λ barely steers L0 in a normal budget).
-        l0_controller_gain: Gain of the controller adapting λ toward ``target_l0`` (0 disables).
+        l0_controller_gain: Integral gain of the controller adapting λ toward ``target_l0``
+            (0 disables the controller).
+        l0_controller_proportional_gain: Its proportional gain, which damps overshoot.
         jumprelu_threshold_init_from_data: With ``target_l0``, set the thresholds on the first
             training batch so that every latent fires on ``target_l0 / d_sae`` of the tokens.
         **kwargs: Training options of :class:`SAEModule`.
@@ -67,6 +69,7 @@ class JumpReLUSAE(SAEModule):
         "target_l0": "target_l0",
         "jumprelu_threshold_lr_scale": "jumprelu_threshold_lr_scale",
         "l0_controller_gain": "l0_controller_gain",
+        "l0_controller_proportional_gain": "l0_controller_proportional_gain",
         "jumprelu_threshold_init_from_data": "jumprelu_threshold_init_from_data",
     }
 
@@ -82,6 +85,7 @@ class JumpReLUSAE(SAEModule):
         target_l0: float | None = None,
         jumprelu_threshold_lr_scale: float = 30.0,
         l0_controller_gain: float = 0.02,
+        l0_controller_proportional_gain: float = 3.0,
         jumprelu_threshold_init_from_data: bool = True,
         **kwargs,
     ) -> None:
@@ -97,7 +101,11 @@ class JumpReLUSAE(SAEModule):
         """Turn the controller and the data start off without a target L0 (plain λ)."""
         kwargs = super().sae_config_kwargs(hp)
         if hp["target_l0"] is None:
-            kwargs |= {"l0_controller_gain": 0.0, "jumprelu_threshold_init_from_data": False}
+            kwargs |= {
+                "l0_controller_gain": 0.0,
+                "l0_controller_proportional_gain": 0.0,
+                "jumprelu_threshold_init_from_data": False,
+            }
         return kwargs
 
     @classmethod

@@ -26,10 +26,13 @@ the class trains exactly as sae-lens does (a test compares losses, outputs and g
   is scaled alike, except through :meth:`~AdaptiveJumpReLUTrainingSAE.initialize_from_batch` and
   ``load_state_dict`` (both reset ``θ_prev``). With ``θ`` at equilibrium, ``λ ×10`` clearly
   lowers L0.
-* ``l0_controller_gain`` (with ``target_l0``): the L0 coefficient is multiplied by
-  ``exp(s)``, and after every training pass ``s ← s + gain·log(L0_batch / target_l0)`` (the
-  ratio clipped to [0.1, 10], ``s`` to ±ln 10⁴): dual ascent on the constraint
-  ``E[L0] = target_l0``, so the requested sparsity is reached without a sweep of ``λ``.
+* ``l0_controller_gain`` and ``l0_controller_proportional_gain`` (with ``target_l0``): a PI
+  controller of the L0 coefficient. With ``e = log(L0_batch / target_l0)`` (the ratio clipped to
+  [0.1, 10]) the coefficient is multiplied by ``exp(s + k_p·e)``, and every training pass
+  integrates ``s ← s + k_i·e`` (``s`` clipped to ±ln 10⁴): dual ascent on the constraint
+  ``E[L0] = target_l0``, so the requested sparsity is reached without a sweep of ``λ``. The
+  proportional term damps the overshoot that the thresholds' inertia (Adam's momentum and bounded
+  step) causes under integral control alone.
 * ``jumprelu_threshold_init_from_data`` (with ``target_l0``): on the first training batch each
   latent's threshold is set to the quantile of its pre-activations at which it fires on
   ``target_l0 / d_sae`` of the tokens, so training starts at the requested L0 with every latent
@@ -56,6 +59,7 @@ import torch
 from sae_lens.saes.jumprelu_sae import (
     JumpReLUTrainingSAE,
     JumpReLUTrainingSAEConfig,
+    calculate_pre_act_loss,
 )
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from torch import Tensor
@@ -72,6 +76,65 @@ MAX_L0_RATIO = 10.0
 _EXTRA_STATE = {"previous_threshold": torch.float32, "log_l0_coefficient_scale": torch.float64}
 
 
+class JumpReLUWithL0(torch.autograd.Function):
+    """``f = π·H(π − θ)`` and the per-token L0 ``Σ_i H(π_i − θ_i)`` in one element-wise pass.
+
+    The pseudo-derivatives are sae-lens's ``JumpReLU`` and ``Step`` functions' together (rectangle
+    kernel ``K(u) = 1[|u| < ½]`` of bandwidth ε): ``∂f/∂π = H``, ``∂f/∂θ = −(θ/ε)·K``,
+    ``∂L0/∂θ = −(1/ε)·K``, plus the kernel terms to ``π`` when ``ste_to_input``. sae-lens runs two
+    functions that each build their own masks; here one mask serves the activation and the L0, and
+    the backward pass needs one kernel mask and one product for both threshold terms.
+    """
+
+    @staticmethod
+    def forward(
+        hidden_pre: Tensor, threshold: Tensor, bandwidth: float, ste_to_input: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Return the latents ``[..., d_sae]`` and the per-token L0 ``[...]`` (float)."""
+        del bandwidth, ste_to_input
+        active = hidden_pre > threshold
+        feature_acts = hidden_pre * active
+        return feature_acts, active.sum(dim=-1, dtype=hidden_pre.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        """Save ``π`` and ``θ`` (not the outputs) for the backward pass."""
+        hidden_pre, threshold, bandwidth, ste_to_input = inputs
+        ctx.save_for_backward(hidden_pre, threshold)
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_acts: Tensor | None, grad_l0: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None, None]:
+        """Pseudo-gradients to ``π`` and ``θ`` (see the class docstring)."""
+        hidden_pre, threshold = ctx.saved_tensors
+        in_kernel = ((hidden_pre - threshold) / ctx.bandwidth).abs_() < 0.5
+        # The threshold's pseudo-gradient per entry, before the kernel and the 1/ε factor.
+        pseudo = None
+        if grad_acts is not None:
+            pseudo = grad_acts * threshold
+        if grad_l0 is not None:
+            per_token = grad_l0.unsqueeze(-1)
+            pseudo = (
+                per_token.expand_as(hidden_pre).clone()
+                if pseudo is None
+                else pseudo.add_(per_token)
+            )
+        if pseudo is None:
+            return None, None, None, None
+        pseudo.masked_fill_(~in_kernel, 0.0).div_(ctx.bandwidth)
+        grad_threshold = -pseudo.sum(dim=tuple(range(pseudo.ndim - 1)))
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = torch.zeros_like(hidden_pre)
+            if grad_acts is not None:
+                grad_hidden = grad_acts * (hidden_pre > threshold)
+            if ctx.ste_to_input:
+                grad_hidden = grad_hidden + pseudo
+        return grad_hidden, grad_threshold, None, None
+
+
 @dataclass
 class AdaptiveJumpReLUTrainingSAEConfig(JumpReLUTrainingSAEConfig):
     """sae-lens's JumpReLU training config plus the options that let sparsity be set.
@@ -81,8 +144,10 @@ class AdaptiveJumpReLUTrainingSAEConfig(JumpReLUTrainingSAEConfig):
     Args:
         jumprelu_threshold_lr_scale: ``m``, how many times faster than the other parameters the
             thresholds learn (>= 1; 1 is sae-lens).
-        l0_controller_gain: Gain of the controller that adapts the L0 coefficient so the batch L0
-            follows ``target_l0`` (>= 0; 0 disables it; needs ``target_l0`` when positive).
+        l0_controller_gain: Integral gain of the controller that adapts the L0 coefficient so
+            the batch L0 follows ``target_l0`` (>= 0; 0 disables the controller; needs
+            ``target_l0`` when positive).
+        l0_controller_proportional_gain: Its proportional gain (>= 0), which damps overshoot.
         jumprelu_threshold_init_from_data: Set the thresholds from the first training batch so
             that each latent fires on ``target_l0 / d_sae`` of its tokens (needs ``target_l0``).
 
@@ -90,7 +155,13 @@ class AdaptiveJumpReLUTrainingSAEConfig(JumpReLUTrainingSAEConfig):
 
     jumprelu_threshold_lr_scale: float = 1.0
     l0_controller_gain: float = 0.0
+    l0_controller_proportional_gain: float = 0.0
     jumprelu_threshold_init_from_data: bool = False
+
+    @property
+    def controlled(self) -> bool:
+        """Whether the controller adapts the L0 coefficient."""
+        return self.l0_controller_gain > 0 or self.l0_controller_proportional_gain > 0
 
     def __post_init__(self) -> None:
         """Reject out-of-range options before any tensor exists."""
@@ -101,14 +172,15 @@ class AdaptiveJumpReLUTrainingSAEConfig(JumpReLUTrainingSAEConfig):
                 f"jumprelu_threshold_lr_scale must be a number >= 1 (1 trains the threshold at "
                 f"the optimiser's learning rate, as sae-lens does), got {scale!r}."
             )
-        gain = self.l0_controller_gain
-        if isinstance(gain, bool) or not isinstance(gain, int | float) or not gain >= 0:
-            raise ValueError(f"l0_controller_gain must be a number >= 0, got {gain!r}.")
-        needs_target = gain > 0 or self.jumprelu_threshold_init_from_data
-        if needs_target and self.target_l0 is None:
+        for name in ("l0_controller_gain", "l0_controller_proportional_gain"):
+            gain = getattr(self, name)
+            if isinstance(gain, bool) or not isinstance(gain, int | float) or not gain >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {gain!r}.")
+        if (self.controlled or self.jumprelu_threshold_init_from_data) and self.target_l0 is None:
             raise ValueError(
-                "l0_controller_gain > 0 and jumprelu_threshold_init_from_data need target_l0, "
-                "the L0 to reach: set target_l0, or turn both off."
+                "The L0 controller (l0_controller_gain or l0_controller_proportional_gain > 0) "
+                "and jumprelu_threshold_init_from_data need target_l0, the L0 to reach: set "
+                "target_l0, or turn them off."
             )
         if self.target_l0 is not None and not 0 < self.target_l0 <= self.d_sae:
             raise ValueError(
@@ -152,7 +224,7 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
     # ------------------------------------------------------------------ the options
     @property
     def l0_coefficient_scale(self) -> Tensor:
-        """The controller's current multiplier of the L0 coefficient (1 without a controller)."""
+        """The controller's integral multiplier of the L0 coefficient (1 without a controller)."""
         return self.log_l0_coefficient_scale.exp()
 
     @torch.no_grad()
@@ -193,21 +265,99 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
         self.previous_threshold.copy_(threshold)
 
     @torch.no_grad()
-    def _update_controller(self, l0: Tensor) -> None:
-        """One dual-ascent step of the L0 coefficient's log-multiplier from the batch's mean L0."""
-        target = self.cfg.target_l0
-        assert target is not None  # checked by the config
-        ratio = (l0.double().mean() / target).clamp(1.0 / MAX_L0_RATIO, MAX_L0_RATIO)
-        scale = self.log_l0_coefficient_scale
-        scale.add_(self.cfg.l0_controller_gain * ratio.log()).clamp_(-MAX_LOG_SCALE, MAX_LOG_SCALE)
+    def _controlled_log_scale(self, l0: Tensor) -> Tensor:
+        """Return this pass's log-multiplier of λ (PI control), after one step of its integral.
+
+        ``e = log(L0_batch / target_l0)`` (the ratio clipped to [0.1, 10]) from the batch's
+        per-token L0 ``l0``; the integral ``s ← s + gain·e`` (clipped to ±ln 10⁴) carries λ to
+        its equilibrium, and the proportional term ``proportional_gain·e`` of this very batch
+        damps the overshoot the threshold's inertia (Adam's momentum, its bounded step) would
+        otherwise cause.
+        """
+        cfg = self.cfg
+        assert cfg.target_l0 is not None  # checked by the config
+        ratio = l0.detach().double().mean() / cfg.target_l0
+        error = ratio.clamp(1.0 / MAX_L0_RATIO, MAX_L0_RATIO).log()
+        integral = self.log_l0_coefficient_scale
+        if self.training:
+            integral.add_(cfg.l0_controller_gain * error).clamp_(-MAX_LOG_SCALE, MAX_LOG_SCALE)
+        return integral + cfg.l0_controller_proportional_gain * error
+
+    def _sparsity_losses(
+        self, step_input: TrainStepInput, feature_acts: Tensor, hidden_pre: Tensor, l0: Tensor
+    ) -> dict[str, Tensor]:
+        """sae-lens's sparsity loss terms, from the per-token L0 ``l0`` of the fused pass."""
+        cfg = self.cfg
+        coefficient: Any = step_input.coefficients["l0"]
+        if cfg.controlled:
+            coefficient = coefficient * self._controlled_log_scale(l0).exp().to(l0.dtype)
+        mode = cfg.jumprelu_sparsity_loss_mode
+        needs_norm = mode == "tanh" or cfg.pre_act_loss_coefficient is not None
+        W_dec_norm = self.W_dec.norm(dim=1) if needs_norm else None
+        if mode == "step":
+            per_item = l0
+        elif mode == "quadratic":
+            assert cfg.target_l0 is not None  # checked by sae-lens's config
+            per_item = 2 / cfg.target_l0 * (l0 - cfg.target_l0) ** 2
+        elif mode == "tanh":
+            per_item = torch.tanh(cfg.jumprelu_tanh_scale * feature_acts * W_dec_norm).sum(dim=-1)
+        else:
+            raise ValueError(f"Invalid sparsity loss mode: {mode}")
+        losses = {"l0_loss": (coefficient * per_item).mean()}
+        if cfg.pre_act_loss_coefficient is not None:
+            losses["pre_act_loss"] = calculate_pre_act_loss(
+                cfg.pre_act_loss_coefficient,
+                self.threshold.to(hidden_pre.dtype),
+                hidden_pre,
+                step_input.dead_neuron_mask,
+                W_dec_norm,  # type: ignore[arg-type]
+            )
+        return losses
 
     # ------------------------------------------------------------------ training pass
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        """sae-lens's training pass, after scaling the threshold's last step (training mode)."""
+        """sae-lens's training pass, fused: one element-wise pass gives latents and L0.
+
+        In training mode the threshold's last step is first scaled ``m``-fold. The loss terms,
+        outputs and gradients are sae-lens's (a test compares them).
+        """
         if self.training:
             self._scale_threshold_step()
-        return super().training_forward_pass(step_input)
+        else:
+            self.threshold.data.clamp_(min=0.0)  # sae-lens's projection (θ ≥ 0)
+        sae_in = self.process_sae_in(step_input.sae_in)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        feature_acts, l0 = JumpReLUWithL0.apply(
+            hidden_pre,
+            self.threshold.to(hidden_pre.dtype),
+            self.bandwidth,
+            self.cfg.jumprelu_ste_to_input,
+        )
+        feature_acts = self.hook_sae_acts_post(feature_acts)
+        sae_out = self.decode(feature_acts)
+        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
+        losses = {"mse_loss": mse_loss}
+        losses |= self._sparsity_losses(step_input, feature_acts, hidden_pre, l0)
+        return TrainStepOutput(
+            sae_in=step_input.sae_in,
+            sae_out=sae_out,
+            feature_acts=feature_acts,
+            hidden_pre=hidden_pre,
+            loss=sum(losses.values()),  # type: ignore[arg-type]
+            losses=losses,
+        )
+
+    @override
+    def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """sae-lens's JumpReLU encoding, through the fused element-wise function."""
+        sae_in = self.process_sae_in(x)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        threshold = self.threshold.to(hidden_pre.dtype)
+        feature_acts, _ = JumpReLUWithL0.apply(
+            hidden_pre, threshold, self.bandwidth, self.cfg.jumprelu_ste_to_input
+        )
+        return self.hook_sae_acts_post(feature_acts), hidden_pre
 
     @override
     def calculate_aux_loss(
@@ -217,27 +367,12 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
         hidden_pre: Tensor,
         sae_out: Tensor,
     ) -> dict[str, Tensor]:
-        """sae-lens's sparsity loss with the controlled coefficient; then one controller step."""
-        scale = self.l0_coefficient_scale
-        coefficients = step_input.coefficients
-        if self.cfg.l0_controller_gain > 0:
-            coefficient = coefficients["l0"] * scale.to(hidden_pre.dtype)
-            coefficients = {**coefficients, "l0": coefficient}  # type: ignore[dict-item]
-        losses = super().calculate_aux_loss(
-            TrainStepInput(
-                sae_in=step_input.sae_in,
-                coefficients=coefficients,
-                dead_neuron_mask=step_input.dead_neuron_mask,
-                n_training_steps=step_input.n_training_steps,
-                is_logging_step=step_input.is_logging_step,
-            ),
-            feature_acts,
-            hidden_pre,
-            sae_out,
+        """Return the sparsity loss terms (with the controller's coefficient when it is on)."""
+        threshold = self.threshold.to(hidden_pre.dtype)
+        _, l0 = JumpReLUWithL0.apply(
+            hidden_pre, threshold, self.bandwidth, self.cfg.jumprelu_ste_to_input
         )
-        if self.training and self.cfg.l0_controller_gain > 0:
-            self._update_controller((feature_acts > 0).sum(dim=-1))
-        return losses
+        return self._sparsity_losses(step_input, feature_acts, hidden_pre, l0)
 
     # ------------------------------------------------------------------ state and dtypes
     @override
@@ -272,4 +407,4 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
             state_dict.pop(name, None)
 
 
-__all__ = ["AdaptiveJumpReLUTrainingSAE", "AdaptiveJumpReLUTrainingSAEConfig"]
+__all__ = ["AdaptiveJumpReLUTrainingSAE", "AdaptiveJumpReLUTrainingSAEConfig", "JumpReLUWithL0"]

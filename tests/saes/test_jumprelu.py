@@ -5,6 +5,7 @@ The synthetic set is issue 10's: 96 unit feature directions in 32 dimensions (sa
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -40,12 +41,14 @@ def reference(mode: str = "step", seed: int = 0, **kwargs) -> JumpReLUTrainingSA
     return sae
 
 
-def step_input(x: torch.Tensor, coefficient: float = 0.7, step: int = 0) -> TrainStepInput:
+def step_input(
+    x: torch.Tensor, coefficient: float = 0.7, dead: torch.Tensor | None = None
+) -> TrainStepInput:
     return TrainStepInput(
         sae_in=x,
         coefficients={"l0": coefficient},
-        dead_neuron_mask=None,
-        n_training_steps=step,
+        dead_neuron_mask=dead,
+        n_training_steps=0,
         is_logging_step=False,
     )
 
@@ -55,35 +58,64 @@ def grads(sae: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mode", ["step", "tanh", "quadratic"])
-def test_default_config_trains_exactly_as_sae_lens(mode):
-    """Same weights and batch: same loss terms, outputs and gradients (exact: same float ops)."""
-    theirs = reference(mode)
+@pytest.mark.parametrize("anthropic", [False, True], ids=["deepmind", "ste_to_input+pre_act"])
+def test_default_config_trains_as_sae_lens(mode, anthropic):
+    """Same weights and batch: the fused pass gives sae-lens's losses, outputs and gradients.
+
+    Losses and outputs are bit-identical; gradients agree to float32 rounding (rtol 1e-5,
+    atol 1e-6): the threshold's two pseudo-gradient terms are summed in another order.
+    """
+    options = {"jumprelu_ste_to_input": True, "pre_act_loss_coefficient": 0.3} if anthropic else {}
+    theirs = reference(mode, **options)
     ours = AdaptiveJumpReLUTrainingSAE.from_sae_lens(theirs)
     x = torch.randn(64, D_IN)
-    out_theirs = theirs.training_forward_pass(step_input(x))
-    out_ours = ours.training_forward_pass(step_input(x))
+    dead = torch.arange(D_SAE) % 3 == 0
+    out_theirs = theirs.training_forward_pass(step_input(x, dead=dead))
+    out_ours = ours.training_forward_pass(step_input(x, dead=dead))
     out_theirs.loss.backward()
     out_ours.loss.backward()
     assert 0 < (out_ours.feature_acts > 0).float().mean() < 1  # thresholds do cut
+    assert set(out_ours.losses) == set(out_theirs.losses)
+    for name, value in out_theirs.losses.items():
+        torch.testing.assert_close(out_ours.losses[name], value, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=0, atol=0)
-    for name in out_theirs.losses:
-        torch.testing.assert_close(out_ours.losses[name], out_theirs.losses[name], rtol=0, atol=0)
     torch.testing.assert_close(out_ours.feature_acts, out_theirs.feature_acts, rtol=0, atol=0)
     torch.testing.assert_close(out_ours.sae_out, out_theirs.sae_out, rtol=0, atol=0)
     ours_grads, theirs_grads = grads(ours), grads(theirs)
     assert set(ours_grads) == set(theirs_grads)
+    assert theirs_grads["threshold"].abs().max() > 0  # the kernel caught some entries
     for name, grad in theirs_grads.items():
-        torch.testing.assert_close(ours_grads[name], grad, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(ours_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # Inference-mode encoding and sae-lens's aux-loss entry point agree too.
+    torch.testing.assert_close(ours.encode(x), theirs.encode(x), rtol=0, atol=0)
+    hidden_pre = out_theirs.hidden_pre.detach()
+    aux = ours.calculate_aux_loss(step_input(x, dead=dead), out_ours.feature_acts, hidden_pre, None)
+    torch.testing.assert_close(aux["l0_loss"], out_theirs.losses["l0_loss"], rtol=0, atol=0)
+
+
+def batch_error(sae: JumpReLUTrainingSAE, x: torch.Tensor, target: float) -> torch.Tensor:
+    """The controller's error ``log(L0 / target)`` on ``x``, from sae-lens's own encoding."""
+    l0 = (sae.encode(x) > 0).sum(-1).double().mean()
+    return torch.log(l0 / target)
 
 
 def test_controlled_coefficient_is_sae_lens_loss_with_scaled_lambda():
+    """λ·exp(s + k_i·e + k_p·e): the integral steps first, the proportional term is this batch's."""
     theirs = reference()
-    ours = AdaptiveJumpReLUTrainingSAE.from_sae_lens(theirs, target_l0=4.0, l0_controller_gain=0.1)
-    ours.log_l0_coefficient_scale.fill_(torch.log(torch.tensor(3.0)).item())
+    ours = AdaptiveJumpReLUTrainingSAE.from_sae_lens(
+        theirs, target_l0=4.0, l0_controller_gain=0.1, l0_controller_proportional_gain=2.0
+    )
+    ours.log_l0_coefficient_scale.fill_(math.log(3.0))
     x = torch.randn(64, D_IN)
+    error = batch_error(theirs, x, 4.0)
+    assert abs(error) > 0.1
+    coefficient = 0.5 * torch.exp(math.log(3.0) + 0.1 * error + 2.0 * error).item()
     out_ours = ours.training_forward_pass(step_input(x, coefficient=0.5))
-    out_theirs = theirs.training_forward_pass(step_input(x, coefficient=1.5))
+    out_theirs = theirs.training_forward_pass(step_input(x, coefficient=coefficient))
     torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        ours.log_l0_coefficient_scale, math.log(3.0) + 0.1 * error, rtol=1e-12, atol=0
+    )
 
 
 def test_threshold_learns_lr_scale_times_faster():
@@ -159,16 +191,20 @@ def test_controller_moves_lambda_toward_the_target_and_is_bounded():
         reference(), target_l0=1.0, l0_controller_gain=0.5
     )
     x = torch.randn(64, D_IN)
-    l0 = (sae.training_forward_pass(step_input(x)).feature_acts > 0).sum(-1).float().mean()
-    assert l0 > 1.0  # so the controller raises λ
-    expected = 0.5 * torch.log(l0.double().clamp(max=10.0))
-    torch.testing.assert_close(sae.log_l0_coefficient_scale, expected)
+    error = batch_error(sae, x, 1.0).clamp(max=math.log(10.0))
+    assert error > 0  # L0 above the target: the controller raises λ
+    sae.training_forward_pass(step_input(x))
+    torch.testing.assert_close(sae.log_l0_coefficient_scale, 0.5 * error)
     for _ in range(200):
         sae.training_forward_pass(step_input(x))
     assert sae.log_l0_coefficient_scale.item() == pytest.approx(MAX_LOG_SCALE)
     sae.cfg.target_l0 = float(D_SAE)  # far above: λ falls
     sae.training_forward_pass(step_input(x))
     assert sae.log_l0_coefficient_scale.item() < MAX_LOG_SCALE
+    sae.eval()  # an evaluation pass leaves the integral alone
+    before = sae.log_l0_coefficient_scale.clone()
+    sae.training_forward_pass(step_input(x))
+    assert torch.equal(sae.log_l0_coefficient_scale, before)
     assert AdaptiveJumpReLUTrainingSAE.rank_averaged_state == ("log_l0_coefficient_scale",)
 
 
@@ -206,6 +242,8 @@ def test_training_state_keeps_full_precision():
     [
         ({"jumprelu_threshold_lr_scale": 0.5}, "jumprelu_threshold_lr_scale must be a number >= 1"),
         ({"l0_controller_gain": -0.1, "target_l0": 4.0}, "l0_controller_gain must be"),
+        ({"l0_controller_proportional_gain": -1.0}, "l0_controller_proportional_gain must be"),
+        ({"l0_controller_proportional_gain": 1.0}, "need target_l0"),
         ({"l0_controller_gain": 0.1}, "need target_l0"),
         ({"jumprelu_threshold_init_from_data": True}, "need target_l0"),
         ({"target_l0": 0.0}, "0 < target_l0 <= d_sae"),
