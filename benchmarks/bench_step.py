@@ -198,6 +198,9 @@ def measure_row(
         "load_1min": [round(load, 2) for load in loads],
     }
     for name, fn in steps.items():
+        for sae in (theirs, ours):  # the step allocates its gradients: none held before it
+            for parameter in sae.parameters():
+                parameter.grad = None
         peak = peak_extra_bytes(fn, device)
         row[f"{name}_peak_copies"] = (
             None if peak is None else round((peak - grad_bytes) / copy_bytes, 2)

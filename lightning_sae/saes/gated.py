@@ -74,7 +74,8 @@ class FastGatedTrainingSAE(GatedTrainingSAE):
                     2 * batch,
                     cfg.d_sae,
                 )
-                hidden_pre = torch.addcmul(self.b_mag, product, scale)
+                # The product is not needed any more: it becomes the magnitude pre-activations.
+                hidden_pre = product.detach().mul_(scale).add_(self.b_mag)
             pre = SampledEncoder.apply(
                 entries.values.repeat(2), x_centered, self.W_enc, self.b_gate, b_dec, None, layout
             )
