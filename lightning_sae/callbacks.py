@@ -22,12 +22,54 @@ from lightning_sae.export import DEFAULT_CALIBRATION_TOKENS, export_to_sae_lens
 from lightning_sae.export.writer import check_calibration
 from lightning_sae.io import OLD_MARKER, TEMP_MARKER, remove_stale_temporaries
 from lightning_sae.modules import MultiSAEModule, SAEModule
+from lightning_sae.modules.validation import check_positive_ints
 
 #: Names of the export folders ``SAELensExport`` writes (and may delete past ``keep_last_n``).
 STEP_FOLDER = re.compile(r"step-(\d{6,})")
 
 
-class SAELensExport(Callback):
+class PeriodicCallback(Callback):
+    """A callback that acts on every ``every_n_steps``-th optimisation step, once per step.
+
+    Under gradient accumulation several batches end on the same global step (the first ones on
+    step 0, before any update): :meth:`run` is called once per due step, never on the initial
+    weights. A subclass calls :meth:`mark_ran` when it acts (also outside the schedule, e.g. at
+    the end of fit) so that a step is never handled twice.
+    """
+
+    def __init__(self, every_n_steps: int | None) -> None:
+        check_positive_ints({"every_n_steps": every_n_steps}, allow_none=True)
+        self.every_n_steps = every_n_steps
+        self._last_step: int | None = None
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Call :meth:`run` when the global step reaches a new multiple of ``every_n_steps``."""
+        step = trainer.global_step
+        due = self.every_n_steps and step > 0 and step % self.every_n_steps == 0
+        if due and not self.ran_at(step):
+            self.run(trainer, pl_module)
+
+    def ran_at(self, step: int) -> bool:
+        """Whether this callback already acted at ``step``."""
+        return step == self._last_step
+
+    def mark_ran(self, step: int) -> None:
+        """Record that this callback acted at ``step``."""
+        self._last_step = step
+
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Act now (the subclass's periodic work)."""
+        raise NotImplementedError
+
+
+class SAELensExport(PeriodicCallback):
     """Export the SAE in sae-lens's format every ``every_n_steps`` steps and at the end of fit.
 
     Each export goes to its own folder ``<dirpath>/step-<global step, 6 digits>/`` (written
@@ -74,17 +116,11 @@ class SAELensExport(Callback):
         calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
         keep_last_n: int | None = 3,
     ) -> None:
-        for name, value in (
-            ("every_n_steps", every_n_steps),
-            ("keep_last_n", keep_last_n),
-            ("calibration_tokens", calibration_tokens),
-        ):
-            if value is not None and (isinstance(value, bool) or value <= 0):
-                raise ValueError(f"{name} must be positive (an int, or None), got {value!r}.")
+        super().__init__(every_n_steps)
+        check_positive_ints({"keep_last_n": keep_last_n}, allow_none=True)
+        check_positive_ints({"calibration_tokens": calibration_tokens})
         self.dirpath = None if dirpath is None else Path(dirpath)
-        self.every_n_steps = every_n_steps
         self.metadata = dict(metadata or {})
-        # A one-shot iterable (a generator) would be empty at the second export: keep a list.
         # A one-shot iterable (a generator) would be empty at the second export: keep a list.
         self.calibration_activations = (
             calibration_activations
@@ -94,7 +130,6 @@ class SAELensExport(Callback):
         )
         self.calibration_tokens = calibration_tokens
         self.keep_last_n = keep_last_n
-        self._last_step: int | None = None
 
     def _calibration_for(self, hook: str | None) -> Any:
         given = self.calibration_activations
@@ -149,21 +184,9 @@ class SAELensExport(Callback):
                     "pass calibration_activations."
                 ) from error
 
-    def on_train_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        """Export when the global step reaches a multiple of ``every_n_steps``."""
-        step = trainer.global_step
-        # Under gradient accumulation several batches end on the same global step (the first ones
-        # on step 0, before any update): export once per step, never the initial weights.
-        due = self.every_n_steps and step > 0 and step % self.every_n_steps == 0
-        if due and step != self._last_step:
-            self.export(trainer, pl_module)
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Export (every ``every_n_steps`` steps)."""
+        self.export(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Export the final SAE (replacing a periodic export of the same step)."""
@@ -177,7 +200,7 @@ class SAELensExport(Callback):
 
         """
         step = trainer.global_step
-        self._last_step = step
+        self.mark_ran(step)
         if not trainer.is_global_zero:
             return None
         assert self.dirpath is not None  # set in setup()

@@ -122,7 +122,7 @@ def test_default_folder_and_bad_arguments(tmp_path: Path) -> None:
         callback.setup(trainer, LightningModule(), "fit")  # type: ignore[arg-type]
     for name in ("every_n_steps", "keep_last_n", "calibration_tokens"):
         for bad in (0, -3, True):
-            with pytest.raises(ValueError, match=f"{name} must be positive"):
+            with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
                 SAELensExport(**{name: bad})
 
 

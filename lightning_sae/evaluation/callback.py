@@ -22,6 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_sae.callbacks import PeriodicCallback
 from lightning_sae.data.models import HookedModel
 from lightning_sae.data.protocol import EvaluationData, ExportData
 from lightning_sae.evaluation.lm import EvaluationSums, evaluation_sums
@@ -34,9 +35,10 @@ from lightning_sae.evaluation.report import (
 from lightning_sae.io import atomic_write_text
 from lightning_sae.metrics import log10_feature_density
 from lightning_sae.modules import MultiSAEModule, SAEModule, SAEUnit
+from lightning_sae.modules.validation import check_positive_ints
 
 
-class LMEvaluation(Callback):
+class LMEvaluation(PeriodicCallback):
     """Splice each SAE into the language model on held-out tokens; log CE loss recovered and more.
 
     Every ``every_n_steps`` optimisation steps and at the end of training, each SAE replaces its
@@ -67,14 +69,12 @@ class LMEvaluation(Callback):
     """
 
     def __init__(self, every_n_steps: int | None = 100, n_rows: int = 16, batch_rows: int = 4):
-        _check_positive(n_rows=n_rows, batch_rows=batch_rows)
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps <= 0):
-            raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps}.")
-        self.every_n_steps, self.n_rows, self.batch_rows = every_n_steps, n_rows, batch_rows
+        super().__init__(every_n_steps)
+        check_positive_ints({"n_rows": n_rows, "batch_rows": batch_rows})
+        self.n_rows, self.batch_rows = n_rows, batch_rows
         #: One entry per evaluation: ``{"step", "tokens", "metrics": {hook: {name: value}}}``.
         self.history: list[dict[str, Any]] = []
         self._tokens = 0
-        self._last_step: int | None = None
         self._zero_ablation: EvaluationSums | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -98,20 +98,21 @@ class LMEvaluation(Callback):
     ) -> None:
         """Count the tokens trained on; evaluate on every ``every_n_steps``-th step."""
         self._tokens += batch_tokens(batch) * trainer.world_size
-        step = trainer.global_step
-        due = self.every_n_steps and step > 0 and step % self.every_n_steps == 0
-        if due and step != self._last_step:
-            self.evaluate(trainer)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Evaluate (every ``every_n_steps`` steps)."""
+        self.evaluate(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Evaluate the final SAEs (unless the last step was just evaluated)."""
-        if trainer.global_step != self._last_step:
+        if not self.ran_at(trainer.global_step):
             self.evaluate(trainer)
 
     @torch.no_grad()
     def evaluate(self, trainer: Trainer) -> dict[str, dict[str, float]]:
         """Evaluate every SAE now (a collective under DDP), log and return ``{hook: metrics}``."""
-        self._last_step = trainer.global_step
+        self.mark_ran(trainer.global_step)
         modes = {hook: sae.training for hook, sae in self._saes.items()}
         for sae in self._saes.values():
             sae.eval()
@@ -178,7 +179,7 @@ class HTMLReport(Callback):
         n_contexts: int = 4,
         n_rows: int = 32,
     ) -> None:
-        _check_positive(n_latents=n_latents, n_contexts=n_contexts, n_rows=n_rows)
+        check_positive_ints({"n_latents": n_latents, "n_contexts": n_contexts, "n_rows": n_rows})
         self.path = None if path is None else Path(path)
         self.n_latents, self.n_contexts, self.n_rows = n_latents, n_contexts, n_rows
         #: ``{log key: [(training tokens, value)]}`` recorded on logging steps.
@@ -317,12 +318,6 @@ def batch_tokens(batch: Any) -> int:
     if isinstance(batch, list | tuple):
         batch = batch[0]
     return int(batch.shape[0]) if isinstance(batch, Tensor) else 0
-
-
-def _check_positive(**values: Any) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _evaluation_data(trainer: Trainer, who: str) -> EvaluationData:

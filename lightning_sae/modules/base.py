@@ -36,6 +36,7 @@ from lightning_sae.modules.statistics import (
     keep_metrics_float64,
 )
 from lightning_sae.modules.unit import OptimizerSettings, SAEUnit
+from lightning_sae.modules.validation import check_positive_ints
 from lightning_sae.optim import adam_with_schedules
 from lightning_sae.registry import (
     available_architectures,
@@ -184,10 +185,7 @@ class SAEModule(_ArchitectureDispatch):
 
         Subclasses extend it (calling ``super()``) with their own rules.
         """
-        for name in ("d_in", "d_sae", "dead_window_tokens"):
-            value = hp[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_positive_ints({name: hp[name] for name in ("d_in", "d_sae", "dead_window_tokens")})
         if not 0 < hp["lr"] < math.inf:
             raise ValueError(f"lr must be a positive finite number, got {hp['lr']!r}.")
         for name in ("adam_beta1", "adam_beta2"):
