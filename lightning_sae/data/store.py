@@ -206,7 +206,7 @@ class _Location:
 def write_store(
     path: str | os.PathLike[str],
     chunks: Chunks,
-    holdout: dict[str, Tensor] | None,
+    holdout: dict[str, Tensor] | Callable[[], dict[str, Tensor] | None] | None,
     metadata: dict[str, Any],
     dtype: str | torch.dtype | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -226,9 +226,12 @@ def write_store(
         path: Local folder or object-store URL (``s3://``, ``gs://``, ``r2://``).
         chunks: Activations ``{hook_name: [n, d_in]}`` (every hook the same ``n``; optionally
             ``"token_ids": [n]``), in stream order; or a callable ``start_token -> chunks`` that
-            yields the same stream from token ``start_token`` on, so a resumed write skips the
-            input without recomputing it (a plain iterable is consumed up to that point).
-        holdout: Held-out activations in the same form, for ``sample_activations``, or ``None``.
+            yields the source from token ``start_token`` on, so a resumed write skips the
+            input without recomputing it (a plain iterable is consumed up to that point). A
+            callable is the whole source: an append asks it for the tokens after those the
+            store already holds (the manifest's ``input_tokens``).
+        holdout: Held-out activations in the same form, for ``sample_activations``, or ``None``;
+            or a callable returning them, called only when a write starts (not on resume).
         metadata: Manifest fields describing the source (``model_name``, ``model_class_name``,
             ``context_size``, ``prepend_bos``, ``dataset_path``, ``exclude_special_tokens``...).
         dtype: Stored dtype (``float32``, ``bfloat16``, ``float16``); default: the input's.
@@ -279,7 +282,14 @@ def write_store(
             f"({progress['request']}): pass the same arguments to resume it, or resume=False "
             "to discard it."
         )
-    source = chunks(progress["input_tokens"] if progress else 0) if callable(chunks) else chunks
+    if callable(chunks):
+        if progress is not None:
+            start = progress["base"]["input_tokens"] + progress["input_tokens"]
+        else:
+            start = _stored_input_tokens(location) if append else 0
+        source: Iterable[dict[str, Tensor]] = chunks(start)
+    else:
+        source = chunks
     stream = iter(source)
     if progress is None:
         first = next(stream, None)
@@ -291,6 +301,21 @@ def write_store(
         stream = _skip_tokens(stream, progress["input_tokens"])
     _write_buffers(location, stream, progress)
     return _finish_write(location, progress)
+
+
+def stored_input_tokens(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> int:
+    """Source tokens the complete store at ``path`` was written from (0 when there is none).
+
+    An append with a callable source starts there; a caller that bounds its source needs it.
+    """
+    return _stored_input_tokens(_Location(path, storage_options))
+
+
+def _stored_input_tokens(location: _Location) -> int:
+    manifest = _load_json(location, MANIFEST) or {}
+    return manifest.get("input_tokens", manifest.get("n_tokens", 0))
 
 
 def _jsonable(value: Any) -> Any:
@@ -378,7 +403,7 @@ def _start_write(
         "buffer_tokens": -(-request["shuffle_buffer_tokens"] // chunk_tokens) * chunk_tokens,
     }
     manifest = _load_json(location, MANIFEST)
-    base: dict[str, Any] = {"chunks": [], "n_tokens": 0, "holdout": None}
+    base: dict[str, Any] = {"chunks": [], "n_tokens": 0, "input_tokens": 0, "holdout": None}
     if request["append"]:
         if manifest is None:
             raise FileNotFoundError(f"append=True but {location} holds no complete store.")
@@ -388,6 +413,7 @@ def _start_write(
         index = _load_json(location, INDEX)
         assert index is not None
         base = {k: manifest[k] for k in ("n_tokens", "holdout")} | {"chunks": index["chunks"]}
+        base["input_tokens"] = _stored_input_tokens(location)
     elif manifest is not None:
         raise FileExistsError(
             f"{location} already holds an activation store: pass append=True to add to it, or "
@@ -399,6 +425,8 @@ def _start_write(
         raise FileExistsError(
             f"{location} is not empty and holds no activation store: write to an empty path."
         )
+    if callable(holdout):
+        holdout = holdout()
     if holdout is not None:
         base["holdout"] = _write_holdout(location, holdout, settings)
     progress = {
@@ -550,6 +578,7 @@ def _finish_write(location: _Location, progress: dict) -> str:
         },
         "items_per_chunk": settings["items_per_chunk"],
         "n_tokens": base["n_tokens"] + new_tokens,
+        "input_tokens": base["input_tokens"] + progress["input_tokens"],
         "holdout": base["holdout"],
     }
     index = {
