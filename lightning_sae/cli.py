@@ -301,7 +301,10 @@ def cache(args: list[str]) -> None:
     datamodule.prepare_data()
     parameters = inspect.signature(ActivationDataModule.write_cache).parameters
     options = {name: config[name] for name in parameters if name != "self"}
-    print(datamodule.write_cache(**options))
+    try:
+        print(datamodule.write_cache(**options))
+    except (ValueError, FileExistsError, FileNotFoundError) as error:  # the target or a setting
+        parser.error(f"{type(error).__name__}: {error}")
 
 
 def main(args: ArgsType = None) -> None:
