@@ -198,7 +198,7 @@ def test_a_killed_write_resumes_where_it_stopped(tmp_path):
         args = [sys.executable, script, str(tmp_path / name), str(tmp_path / f"{name}.out")]
         return subprocess.run([*args, *kill_at], capture_output=True, text=True, timeout=300)
 
-    killed = run("killed", "5")  # model calls: chunk 0, held-out part, chunks 1, 2 (killed), 3
+    killed = run("killed", "4")  # model calls: chunk 0, held-out part, chunks 1, 2 (killed), 3
     assert killed.returncode == -9, killed.stderr[-2000:]
     progress = json.loads((tmp_path / "killed" / PROGRESS).read_text())
     assert progress["input_tokens"] == 512 and not (tmp_path / "killed" / INDEX).exists()
