@@ -43,7 +43,16 @@ from lightning_sae.data.store import write_store
 
 RESULTS = Path(__file__).parent / "results"
 HOOK, D_IN, BATCH, CHUNK = "model.layers.15", 576, 4096, 65_536
-METADATA = {"model_name": "synthetic", "context_size": 256}
+METADATA = {
+    "model_name": "synthetic",
+    "model_class_name": "AutoModelForCausalLM",
+    "context_size": 256,
+    "prepend_bos": True,
+    "dataset_path": None,
+    "exclude_special_tokens": False,
+}
+#: What the previous format's manifest also records.
+CACHE_METADATA = {**METADATA, "hook_names": [HOOK], "d_in": {HOOK: D_IN}}
 
 
 def chunks(n_tokens: int, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
@@ -117,7 +126,7 @@ def main() -> None:
             seconds = timed(write_store, store, data, None, METADATA)
             results[f"store_write_{name}"] = rate(args.tokens, seconds)
             results[f"store_read_{name}"] = store_read(store, args.tokens, args.workers)
-            seconds = timed(cache.write_cache, old, data, None, METADATA)
+            seconds = timed(cache.write_cache, old, data, None, CACHE_METADATA)
             results[f"cache_write_{name}"] = rate(args.tokens, seconds)
             results[f"cache_read_{name}"] = cache_read(old)
         if args.sweep:
