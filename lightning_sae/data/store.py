@@ -329,7 +329,10 @@ def _load_json(location: _Location, file: str) -> dict[str, Any] | None:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{location.name(file)} is not valid JSON: {error}") from error
+        raise ValueError(
+            f"{location.name(file)} is not valid JSON ({error}): the store is corrupt; rewrite it "
+            "(lightning-sae cache; resume=False discards an interrupted write)."
+        ) from error
 
 
 def _chain(first: dict[str, Tensor], rest: Iterator[dict[str, Tensor]]) -> Iterator[dict]:
@@ -593,11 +596,13 @@ def _finish_write(location: _Location, progress: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------- reading
-def _check_manifest(manifest: dict[str, Any], where: Any) -> None:
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+def _check_manifest(manifest: Any, where: Any) -> None:
+    fields = manifest if isinstance(manifest, dict) else {}
+    if fields.get("format") != FORMAT or fields.get("version") != VERSION:
         raise ValueError(
-            f"{where} is not a version-{VERSION} lightning-sae activation store "
-            f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})."
+            f"{where}/{MANIFEST} is not the manifest of a version-{VERSION} lightning-sae "
+            f"activation store (format={fields.get('format')!r}, "
+            f"version={fields.get('version')!r}): rewrite the store (lightning-sae cache)."
         )
 
 
@@ -632,17 +637,24 @@ class ActivationStore:
         self.location = _Location(path_or_url, storage_options)
         self.cache_dir = None if cache_dir is None else str(cache_dir)
         manifest = _load_json(self.location, MANIFEST)
-        if manifest is None or not self.location.exists(INDEX):
+        index = _load_json(self.location, INDEX)
+        if manifest is None or index is None:
             if _load_json(self.location, "manifest.json") is not None:
                 raise ValueError(
                     f"{self.location} is an activation cache of the previous format: convert it "
                     "with lightning_sae.data.store.convert_cache(old, new) (or python -m "
                     "lightning_sae.data.store convert OLD NEW)."
                 )
-            what = "an interrupted write" if self.location.exists(PROGRESS) else "no store"
+            if index is not None:
+                what = f"a litdata dataset without our {MANIFEST} (not written by lightning-sae)"
+            elif self.location.exists(PROGRESS):
+                what = "an interrupted write"
+            else:
+                what = "no store"
             raise FileNotFoundError(
-                f"{self.location} holds {what}: write one with write_store (an interrupted "
-                "write resumes when write_store is called again with the same arguments)."
+                f"{self.location} holds {what}: write one with ActivationDataModule(...)"
+                ".write_cache(path, n_tokens) or lightning-sae cache (an interrupted write "
+                "resumes when run again with the same arguments)."
             )
         _check_manifest(manifest, self.location)
         if self.location.exists(PROGRESS):
@@ -775,9 +787,16 @@ class ActivationStore:
                 f"The store's held-out part holds {available} tokens, fewer than the {n_tokens} "
                 "asked for: ask for fewer, or rewrite the store with a larger holdout."
             )
-        with tempfile.TemporaryDirectory() as tmp:
-            tensors = load_file(self.location.get(holdout["file"], Path(tmp)))
-        return tensors[hook][:n_tokens]
+        name = self.location.name(holdout["file"])
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                tensors = load_file(self.location.get(holdout["file"], Path(tmp)))
+            return tensors[hook][:n_tokens]
+        except Exception as error:  # missing file, safetensors' own errors, a missing hook
+            raise ValueError(
+                f"Cannot read the held-out part {name} ({type(error).__name__}: {error}): the "
+                "store is incomplete or corrupt; rewrite it (lightning-sae cache)."
+            ) from error
 
 
 class _StoreStream:
@@ -827,7 +846,7 @@ class _StoreStream:
         held = 0
         while True:
             empty = True
-            for batch in loader:
+            for batch in _readable(loader, self.store.location):
                 empty = False
                 acts = self.store._unpack(batch)
                 n = next(iter(acts.values())).shape[0]
@@ -850,6 +869,22 @@ class _StoreStream:
                     yield out
             if empty:
                 raise RuntimeError("The store's loader yielded no batch in an epoch.")
+
+
+def _readable(loader: Any, location: _Location) -> Iterator[dict[str, Tensor]]:
+    """Iterate litdata's loader; a missing or corrupt chunk is an error naming the store's fix."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as error:  # litdata's own types: RuntimeError, ChunkWaitTimeoutError...
+            raise ValueError(
+                f"Cannot read the activation store {location} ({type(error).__name__}: {error}): "
+                "a chunk file is missing or corrupt; rewrite the store (lightning-sae cache)."
+            ) from error
+        yield batch
 
 
 def _take(parts: list[dict[str, Tensor]], n: int) -> tuple[dict[str, Tensor], list[dict]]:

@@ -119,6 +119,27 @@ def test_store_mismatches_and_old_caches_are_clear_errors(live, store, tmp_path)
         ActivationDataModule(cache_dir=old)
 
 
+@pytest.mark.parametrize(
+    ("damage", "error", "message"),
+    [
+        (lambda s: (s / "chunk-0-0.bin").write_bytes(b"x" * 9), ValueError, "chunk-0-0.bin"),
+        (lambda s: (s / "chunk-0-3.bin").unlink(), ValueError, "missing or corrupt"),
+        (lambda s: (s / INDEX).write_text("{"), ValueError, "index.json is not valid JSON"),
+        (lambda s: (s / MANIFEST).unlink(), FileNotFoundError, "without our lightning_sae.json"),
+        (lambda s: (s / MANIFEST).write_text('{"version": 2}'), ValueError, "version=2"),
+        (lambda s: (s / "holdout.safetensors").unlink(), ValueError, "holdout.safetensors"),
+    ],
+    ids=["corrupt-chunk", "missing-chunk", "bad-index", "no-manifest", "version-2", "no-holdout"],
+)
+def test_a_damaged_store_is_an_error_naming_the_file_and_the_fix(store, damage, error, message):
+    damage(store)
+    with pytest.raises(error, match=message) as raised:
+        dm = ActivationDataModule(cache_dir=store, batch_size=100)
+        list(islice(iter(dm.train_dataloader()), 20))  # one epoch: every chunk file
+        dm.sample_activations(300)
+    assert "rewrite" in str(raised.value) or "write_cache(path, n_tokens)" in str(raised.value)
+
+
 def test_append_continues_the_stream(live, store):
     live.write_cache(store, n_tokens=1000, append=True, **STORE)
     stream = list(islice(live._batches(0), 24))
