@@ -3,6 +3,7 @@ server on loopback, and a folder written by sae-lens's own CacheActivationsRunne
 
 import logging
 import pydoc_data.topics
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,9 @@ def s3(monkeypatch) -> dict:
     }
     boto3.client("s3", **options).create_bucket(Bucket="acts")
     yield options
+    # The server's state lives in this process (moto's backends): empty it for the next test.
+    reset = urllib.request.Request(f"{options['endpoint_url']}/moto-api/reset", method="POST")
+    urllib.request.urlopen(reset).close()
     server.stop()
 
 

@@ -248,7 +248,7 @@ def test_a_killed_write_resumes_where_it_stopped(tmp_path):
 
 
 def test_object_store_on_a_loopback_server(live, store, s3, tmp_path):
-    url = "s3://acts/run1"
+    url = "s3://acts/datamodule"
     assert live.write_cache(url, 2000, 300, storage_options=s3, **STORE) == url
     options = {"storage_options": s3, "cache_dir": str(tmp_path / "chunks")}
     remote = ActivationDataModule(cache_dir=url, batch_size=100, cache_options=options)
