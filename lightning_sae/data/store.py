@@ -606,6 +606,39 @@ def _check_manifest(manifest: Any, where: Any) -> None:
         )
 
 
+#: Manifest fields a reader needs (besides ``format`` and ``version``).
+REQUIRED_FIELDS = ("hook_names", "d_in", "has_token_ids", "dtype", "block_tokens", "n_tokens",
+                   "holdout", "context_size")  # fmt: skip
+
+
+def _check_contents(manifest: dict[str, Any], index: Any, location: _Location) -> None:
+    """Refuse missing manifest fields, file names outside the store and a wrong token count.
+
+    A corrupt (or hostile) store fails when opened, not mid-run.
+    """
+    fix = "the store is corrupt; rewrite it (lightning-sae cache)."
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise ValueError(f"{location.name(MANIFEST)} lacks the field(s) {missing}: {fix}")
+    chunks = index.get("chunks") if isinstance(index, dict) else None
+    if not isinstance(chunks, list) or not all(isinstance(c, dict) for c in chunks):
+        raise ValueError(f"{location.name(INDEX)} lists no chunks: {fix}")
+    names = [c.get("filename") for c in chunks]
+    if manifest["holdout"] is not None:
+        names.append(manifest["holdout"].get("file"))
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n.startswith(".")]
+    if bad:
+        raise ValueError(
+            f"{location} names files {bad} that are not plain names inside the store: {fix}"
+        )
+    held = sum(int(c.get("chunk_size", 0)) for c in chunks) * manifest["block_tokens"]
+    if held != manifest["n_tokens"]:
+        raise ValueError(
+            f"{location.name(MANIFEST)} states {manifest['n_tokens']} tokens, its {INDEX} holds "
+            f"{held}: {fix}"
+        )
+
+
 class ActivationStore:
     """A store opened for training: exact-size shuffled batches per rank, resumable.
 
@@ -657,6 +690,7 @@ class ActivationStore:
                 "resumes when run again with the same arguments)."
             )
         _check_manifest(manifest, self.location)
+        _check_contents(manifest, index, self.location)
         if self.location.exists(PROGRESS):
             warnings.warn(
                 f"An append to {self.location} was interrupted before it finished: call "

@@ -119,6 +119,13 @@ def test_store_mismatches_and_old_caches_are_clear_errors(live, store, tmp_path)
         ActivationDataModule(cache_dir=old)
 
 
+def edit(store: Path, name: str, change: Any) -> None:
+    """Change a JSON file of the store in place."""
+    content = json.loads((store / name).read_text())
+    change(content)
+    (store / name).write_text(json.dumps(content))
+
+
 @pytest.mark.parametrize(
     ("damage", "error", "message"),
     [
@@ -128,8 +135,31 @@ def test_store_mismatches_and_old_caches_are_clear_errors(live, store, tmp_path)
         (lambda s: (s / MANIFEST).unlink(), FileNotFoundError, "without our lightning_sae.json"),
         (lambda s: (s / MANIFEST).write_text('{"version": 2}'), ValueError, "version=2"),
         (lambda s: (s / "holdout.safetensors").unlink(), ValueError, "holdout.safetensors"),
+        (lambda s: edit(s, MANIFEST, lambda m: m.pop("d_in")), ValueError, "lacks .*'d_in'"),
+        (lambda s: edit(s, MANIFEST, lambda m: m.update(n_tokens=9)), ValueError, "states 9"),
+        (
+            lambda s: edit(s, MANIFEST, lambda m: m["holdout"].update(file="../x")),
+            ValueError,
+            r"\['\.\./x'\] that are not plain names",
+        ),
+        (
+            lambda s: edit(s, INDEX, lambda i: i["chunks"][0].update(filename="/etc/passwd")),
+            ValueError,
+            "not plain names",
+        ),
     ],
-    ids=["corrupt-chunk", "missing-chunk", "bad-index", "no-manifest", "version-2", "no-holdout"],
+    ids=[
+        "corrupt-chunk",
+        "missing-chunk",
+        "bad-index",
+        "no-manifest",
+        "version-2",
+        "no-holdout",
+        "no-d_in",
+        "overstated",
+        "holdout-outside",
+        "chunk-outside",
+    ],
 )
 def test_a_damaged_store_is_an_error_naming_the_file_and_the_fix(store, damage, error, message):
     damage(store)
