@@ -464,7 +464,7 @@ class ActivationDataModule(LightningDataModule):
 
         """
         if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
-            raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}.")
+            raise ValueError(f"n_tokens must be positive (an integer), got {n_tokens!r}.")
         source = self.source
         if not isinstance(source, LiveSource):
             raise ValueError(

@@ -703,7 +703,7 @@ class ActivationStore:
         if missing:
             raise ValueError(
                 f"The store {self.location} has no activations for hooks {missing}; it holds "
-                f"{manifest['hook_names']}."
+                f"{manifest['hook_names']}. Ask for those, or write a new store."
             )
         self.d_in_per_hook: dict[str, int] = {h: manifest["d_in"][h] for h in self.hook_names}
         self.dtype = str_to_dtype(manifest["dtype"])
