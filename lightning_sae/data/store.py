@@ -611,10 +611,13 @@ REQUIRED_FIELDS = ("hook_names", "d_in", "has_token_ids", "dtype", "block_tokens
                    "holdout", "context_size")  # fmt: skip
 
 
-def _check_contents(manifest: dict[str, Any], index: Any, location: _Location) -> None:
+def _check_contents(
+    manifest: dict[str, Any], index: Any, location: _Location, appending: bool
+) -> None:
     """Refuse missing manifest fields, file names outside the store and a wrong token count.
 
-    A corrupt (or hostile) store fails when opened, not mid-run.
+    A corrupt (or hostile) store fails when opened, not mid-run. While an append is under way
+    (``appending``) the manifest may already count the new chunks the index does not list yet.
     """
     fix = "the store is corrupt; rewrite it (lightning-sae cache)."
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]
@@ -632,7 +635,7 @@ def _check_contents(manifest: dict[str, Any], index: Any, location: _Location) -
             f"{location} names files {bad} that are not plain names inside the store: {fix}"
         )
     held = sum(int(c.get("chunk_size", 0)) for c in chunks) * manifest["block_tokens"]
-    if held != manifest["n_tokens"]:
+    if held != manifest["n_tokens"] and not appending:
         raise ValueError(
             f"{location.name(MANIFEST)} states {manifest['n_tokens']} tokens, its {INDEX} holds "
             f"{held}: {fix}"
@@ -690,8 +693,9 @@ class ActivationStore:
                 "resumes when run again with the same arguments)."
             )
         _check_manifest(manifest, self.location)
-        _check_contents(manifest, index, self.location)
-        if self.location.exists(PROGRESS):
+        appending = self.location.exists(PROGRESS)
+        _check_contents(manifest, index, self.location, appending)
+        if appending:
             warnings.warn(
                 f"An append to {self.location} was interrupted before it finished: call "
                 "write_store again with the same arguments to finish it.",
