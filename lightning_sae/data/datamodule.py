@@ -12,7 +12,7 @@ batches; a store's own loader (litdata's ``StreamingDataLoader``) cuts its batch
   ``SAEModule`` trains from it unchanged), or ``{hook_name: [batch_size, d_in]}`` for several,
   all from one forward pass. Every rank yields the same number of batches, so no collective
   waits on a finished rank.
-- **Validation/test**: the held-out documents (or the cache's held-out file), ``val_tokens``
+- **Validation/test**: the held-out documents (or the store's held-out part), ``val_tokens``
   activations, so ``Trainer.validate``/``test`` and validation during fit work.
 - **Exporter/evaluation**: :class:`~lightning_sae.data.protocol.ExportData` and
   :class:`~lightning_sae.data.protocol.EvaluationData` (metadata, held-out activations and
@@ -513,7 +513,7 @@ class ActivationDataModule(LightningDataModule):
             if n == 0:
                 message = (
                     "There are no held-out activations to validate on: raise holdout_documents "
-                    "(or write the cache with holdout_tokens > 0)."
+                    "(or write the store with holdout_tokens > 0)."
                 )
                 fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
                 if not fitting:
