@@ -369,3 +369,10 @@ def test_command_line_writes_a_store_and_trains_from_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli(["cache", "--config", str(config), "--path", str(tmp_path / "x"), "--n_tokens", "0"])
     assert exit_.value.code == 2
+    # A config may build Lightning components only: a function as the dataset is refused unrun.
+    run_code = {"class_path": "os.system", "init_args": {"command": f"touch {tmp_path}/PWNED"}}
+    with pytest.raises(SystemExit) as exit_:
+        cli(["cache", "--config", str(config), "--path", str(tmp_path / "y"), "--n_tokens", "64",
+             f"--data.init_args.dataset={json.dumps(run_code)}"])  # fmt: skip
+    assert exit_.value.code == 2 and "is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "y").exists()
