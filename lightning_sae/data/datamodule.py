@@ -443,6 +443,7 @@ class ActivationDataModule(LightningDataModule):
         stopped when called again with the same arguments (the model runs only from there);
         ``append`` adds the next ``n_tokens`` of the stream to a complete store.
         ``ActivationDataModule(cache_dir=path)`` and ``litdata.StreamingDataset(path)`` read it.
+        Call it in one process (``lightning-sae cache``), not on every rank of a DDP run.
 
         Args:
             path: Local folder (empty or absent) or object-store URL (``s3://``, ``gs://``,
