@@ -5,11 +5,12 @@ width; random values: the store does not compress), batches of 4096 tokens:
 
 - ``store_write_<dtype>``: :func:`~lightning_sae.data.store.write_store` to a local folder
   (mixing, litdata chunks, fsync, progress after every buffer);
-- ``store_read_<dtype>``: one epoch of :meth:`ActivationStore.train_dataloader` (litdata
-  ``StreamingDataset`` + ``StreamingDataLoader``, shuffled, exact-size batches);
+- ``store_read_<dtype>``: one epoch of ``ActivationDataModule(cache_dir=store)``'s training
+  loader, the path ``fit`` reads (litdata ``StreamingDataset`` + ``StreamingDataLoader``,
+  shuffled, exact-size batches);
 - ``cache_write_<dtype>`` / ``cache_read_<dtype>``: the previous format
   (:mod:`lightning_sae.data.cache`: safetensors files), read the way ``ActivationDataModule``
-  reads it (a whole file, permuted, cut into batches);
+  read it before the store (a whole file, permuted, cut into batches);
 - ``lm_forward``: SmolLM2-135M (fp32, the offline default) up to ``model.layers.15`` at context
   256: the rate at which activations are produced in the first place.
 
@@ -35,13 +36,23 @@ from pathlib import Path
 
 import torch
 
+from lightning_sae import ActivationDataModule
 from lightning_sae.data import cache
 from lightning_sae.data.models import load_hooked_model
-from lightning_sae.data.store import ActivationStore, write_store
+from lightning_sae.data.store import write_store
 
 RESULTS = Path(__file__).parent / "results"
 HOOK, D_IN, BATCH, CHUNK = "model.layers.15", 576, 4096, 65_536
-METADATA = {"model_name": "synthetic", "context_size": 256}
+METADATA = {
+    "model_name": "synthetic",
+    "model_class_name": "AutoModelForCausalLM",
+    "context_size": 256,
+    "prepend_bos": True,
+    "dataset_path": None,
+    "exclude_special_tokens": False,
+}
+#: What the previous format's manifest also records.
+CACHE_METADATA = {**METADATA, "hook_names": [HOOK], "d_in": {HOOK: D_IN}}
 
 
 def chunks(n_tokens: int, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
@@ -62,14 +73,14 @@ def timed(fn, *args, **kwargs) -> float:
 
 
 def store_read(path: Path, n_tokens: int, workers: int) -> float:
-    store = ActivationStore(path)
-    batches = store.train_dataloader(BATCH, seed=0, num_workers=workers)
+    data = ActivationDataModule(cache_dir=path, batch_size=BATCH, num_workers=workers)
+    batches = data.train_dataloader()
     n_batches = n_tokens // BATCH - 1  # one epoch (drop_last may drop the last blocks)
     return rate(n_batches * BATCH, timed(list, islice(iter(batches), n_batches)))
 
 
 def cache_read(path: Path) -> float:
-    """Read every file, permute it and cut it into batches, as ``ActivationDataModule`` does."""
+    """Read every file, permute it and cut it into batches, as ``ActivationDataModule`` did."""
     old = cache.ActivationCache(path)
 
     def read() -> int:
@@ -106,7 +117,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in (torch.float32, torch.bfloat16):
@@ -115,7 +126,7 @@ def main() -> None:
             seconds = timed(write_store, store, data, None, METADATA)
             results[f"store_write_{name}"] = rate(args.tokens, seconds)
             results[f"store_read_{name}"] = store_read(store, args.tokens, args.workers)
-            seconds = timed(cache.write_cache, old, data, None, METADATA)
+            seconds = timed(cache.write_cache, old, data, None, CACHE_METADATA)
             results[f"cache_write_{name}"] = rate(args.tokens, seconds)
             results[f"cache_read_{name}"] = cache_read(old)
         if args.sweep:
@@ -139,8 +150,8 @@ def main() -> None:
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "load_average_1min_before": round(load_before, 2),
-            "load_average_1min_after": round(os.getloadavg()[0], 2),
+            "load_average_1_5_15min_before": [round(x, 2) for x in load_before],
+            "load_average_1_5_15min_after": [round(x, 2) for x in os.getloadavg()],
             "torch": torch.__version__,
             "platform": platform.platform(),
         },
@@ -149,14 +160,18 @@ def main() -> None:
     (RESULTS / "store.json").write_text(json.dumps(record, indent=2) + "\n")
     machine = record["machine"]
     lines = [
-        f"Load average (1 min) {machine['load_average_1min_before']} before, "
-        f"{machine['load_average_1min_after']} after, on {machine['cpu_count']} CPUs; "
+        f"Load average (1, 5, 15 min) {machine['load_average_1_5_15min_before']} before, "
+        f"{machine['load_average_1_5_15min_after']} after, on {machine['cpu_count']} CPUs; "
         f"{args.tokens:,} tokens of d_in {D_IN}, batches of {BATCH}.",
         "",
         "| path | tokens/s |",
         "| --- | ---: |",
     ]
     lines += [f"| `{name}` | {value:,.0f} |" for name, value in results.items()]
+    lines += ["", "Ratios (same process): " + ", ".join(
+        f"{what} {dtype} / LM forward {results[f'{what}_{dtype}'] / results['lm_forward']:,.0f}x"
+        for what in ("store_write", "store_read") for dtype in ("float32", "bfloat16")
+    ) + "."]  # fmt: skip
     (RESULTS / "store.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(record, indent=2))
 

@@ -13,6 +13,13 @@ several hooks) is read from the DataModule, so configs never repeat it.
     lightning-sae fit --config examples/batchtopk.yaml --trainer.strategy ddp --trainer.devices 2
     lightning-sae fit --config examples/multi_hook.yaml
     lightning-sae validate --config examples/batchtopk.yaml --ckpt_path .../last.ckpt
+    lightning-sae cache --config examples/batchtopk.yaml --path acts/ --n_tokens 2000000
+
+``lightning-sae cache`` runs the config's ``data`` (a live DataModule) once and writes its
+activations to an activation store (:meth:`~lightning_sae.ActivationDataModule.write_cache`'s
+arguments are its options: ``--dtype bfloat16``, ``--append true``, an ``s3://`` path with
+``--storage_options``...); a killed run resumes when run again. Its other sections are ignored,
+so the fit config that trains from the store (``--data.init_args.cache_dir acts/``) serves.
 
 Everything else is Lightning's: ``fit``/``validate``/``test`` subcommands, ``--print_config``, the
 resolved config saved as ``config.yaml`` in the logger's folder (``SaveConfigCallback``), and
@@ -29,11 +36,13 @@ transformer-lens model built from its config); anything else is a usage error.
 
 import copy
 import importlib
+import inspect
+import sys
 import warnings
 from typing import Any, NoReturn
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.accelerators import Accelerator
@@ -263,6 +272,45 @@ def _d_in(datamodule: ActivationDataModule) -> int | dict[str, int]:
     return datamodule.d_in if len(datamodule.hook_names) == 1 else datamodule.d_in_per_hook
 
 
+def cache(args: list[str]) -> None:
+    """``lightning-sae cache``: write the activation store of a config's DataModule."""
+    parser = ArgumentParser(
+        prog="lightning-sae cache",
+        description="Run the config's DataModule once and write its activations to a store "
+        "(resumable: run the same command again after a crash).",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a fit config (YAML)")
+    parser.add_subclass_arguments(ActivationDataModule, "data", required=True)
+    parser.add_method_arguments(ActivationDataModule, "write_cache", None)
+    for section in ("model", "trainer", "optimizer", "lr_scheduler"):  # a fit config's
+        parser.add_argument(f"--{section}", type=dict | None, help="ignored (fit's section)")
+    parser.add_argument("--seed_everything", type=bool | int | None, help="ignored")
+    parser.add_argument("--ckpt_path", type=str | None, help="ignored")
+    config = parser.parse_args(args)
+    for where, path in _class_paths(config.data, "data"):
+        error = _refused_class_path(path, where)
+        if error:
+            parser.error(f"{where}: class_path {path!r} {error}")
+    try:
+        datamodule = parser.instantiate_classes(Namespace(data=config.data)).data
+    except ValueError as error:
+        cause: BaseException = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+        parser.error(f"{type(cause).__name__}: {cause}")
+    datamodule.prepare_data()
+    parameters = inspect.signature(ActivationDataModule.write_cache).parameters
+    options = {name: config[name] for name in parameters if name != "self"}
+    try:
+        print(datamodule.write_cache(**options))
+    except (ValueError, FileExistsError, FileNotFoundError) as error:  # the target or a setting
+        parser.error(f"{type(error).__name__}: {error}")
+
+
 def main(args: ArgsType = None) -> None:
     """Run the ``lightning-sae`` command (``args`` defaults to ``sys.argv[1:]``)."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["cache"]:
+        cache(argv[1:])
+        return
     SAECLI(args=args)

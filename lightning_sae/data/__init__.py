@@ -1,12 +1,14 @@
 """Activation data: token sources, hooked models, the two activation sources and the DataModule.
 
 - ``sources.py``: documents → token rows. ``models.py``: the hooked language model.
-- ``live.py``: activations computed by the model. ``cache.py``: activations read from disk.
-- ``chunks.py``: the chunk both sources yield, and batching. ``datamodule.py``: the DataModule.
+- ``live.py``: activations computed by the model. ``store.py``: the activation store (litdata),
+  ``sae_lens_cache.py``: sae-lens's cached activations; ``cache.py``: the DataModule's source over
+  them, and the previous cache format (read to convert it).
+- ``chunks.py``: the chunks the live source yields, and batching. ``datamodule.py``: the DataModule.
 - ``protocol.py``: what the exporter and the evaluation need from the data.
 """
 
-from lightning_sae.data.cache import ActivationCache, CacheSource
+from lightning_sae.data.cache import ActivationCache, StoredSource
 from lightning_sae.data.datamodule import ActivationDataModule
 from lightning_sae.data.live import LiveSource
 from lightning_sae.data.models import HookedModel, load_hooked_model
@@ -17,11 +19,11 @@ from lightning_sae.data.sources import TokenSource, pack
 __all__ = [
     "ActivationCache",
     "ActivationDataModule",
-    "CacheSource",
     "EvaluationData",
     "ExportData",
     "HookedModel",
     "LiveSource",
+    "StoredSource",
     "TokenSource",
     "load_hooked_model",
     "pack",

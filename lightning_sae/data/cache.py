@@ -1,6 +1,14 @@
-"""On-disk activation cache: safetensors shards plus a JSON manifest, written once, read many times.
+"""Activations on disk: the DataModule's stored source, and the previous cache format.
 
-Layout of a cache folder::
+:class:`StoredSource` is what ``ActivationDataModule(cache_dir=...)`` reads: an activation store
+(:class:`~lightning_sae.data.store.ActivationStore`, a litdata dataset in a folder or at an
+object-store URL) or a folder of sae-lens's ``CacheActivationsRunner``
+(:class:`~lightning_sae.data.sae_lens_cache.SaeLensCache`), both opened by
+:func:`~lightning_sae.data.store.open_activations`.
+
+The previous format (below: :func:`write_cache`, :class:`ActivationCache`) is read only to convert
+it into a store (``python -m lightning_sae.data.store convert OLD NEW``); its writer stays for
+that conversion's tests and the benchmark that compares the formats. Layout of such a folder::
 
     manifest.json                  model, hooks, d_in, context size, dtype, token counts, files
     activations_00000.safetensors  {hook_name: [n_tokens, d_in]} for every hook
@@ -17,14 +25,14 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from functools import partial
-from itertools import count
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lightning_sae.data.chunks import Chunk, permuted
+from lightning_sae.data.chunks import Chunk
+from lightning_sae.data.store import open_activations
 from lightning_sae.io import atomic_folder
 
 MANIFEST = "manifest.json"
@@ -173,79 +181,73 @@ class ActivationCache:
             )
         return acts
 
-    def check(self, model_name: str | None, hook_names: list[str]) -> None:
-        """Raise ``ValueError`` if the cache was not written for ``model_name`` and these hooks."""
-        cached_model = self.manifest["model_name"]
-        if model_name is not None and model_name != cached_model:
-            raise ValueError(
-                f"The activation cache {self.path} holds activations of model {cached_model!r}, "
-                f"not {model_name!r}: pass the model it was written with, or write a new cache."
-            )
-        missing = [h for h in hook_names if h not in self.manifest["hook_names"]]
-        if missing:
-            raise ValueError(
-                f"The activation cache {self.path} has no activations for hooks {missing}; it "
-                f"holds {self.manifest['hook_names']}. Ask for those, or write a new cache."
-            )
 
+class StoredSource:
+    """Activations read from a store or a sae-lens cache instead of computed by a model.
 
-class CacheSource:
-    """Activations read from an :class:`ActivationCache` instead of computed by a model.
-
-    File ``i`` belongs to rank ``i % world_size``; a rank cycles through its files forever, each
-    permuted with a seed derived from ``(seed, file, epoch)``.
+    Training batches, their resume position and the held-out part are the store's own
+    (:meth:`~lightning_sae.data.store.ActivationStore.train_dataloader`, ``state_dict``,
+    ``sample_activations``); this adapter gives them the DataModule's source interface.
 
     Args:
-        cache: The opened cache.
+        path: The store's folder or URL, or the sae-lens cache folder.
         hook_names: Hooks to read (all of them when empty).
+        options: Passed to :func:`~lightning_sae.data.store.open_activations`
+            (``storage_options`` and ``cache_dir`` of a remote store; ``metadata``,
+            ``holdout_tokens`` of a sae-lens cache).
 
     """
 
-    def __init__(self, cache: ActivationCache, hook_names: list[str]) -> None:
-        self.cache = cache
-        manifest = cache.manifest
-        self.hook_names = hook_names or list(manifest["hook_names"])
-        self.context_size = manifest["context_size"]
-        self.prepend_bos = manifest["prepend_bos"]
-        self.exclude_special_tokens = manifest["exclude_special_tokens"]
+    def __init__(self, path: str, hook_names: list[str], options: dict[str, Any]) -> None:
+        self.path = path
+        self.store = open_activations(path, hook_names or None, **options)
+        manifest = self.store.manifest
+        self.hook_names: list[str] = list(self.store.hook_names)
+        self.context_size: int = manifest["context_size"]
 
     @property
     def d_in_per_hook(self) -> dict[str, int]:
         """Width of every hook's activations."""
-        return {h: self.cache.manifest["d_in"][h] for h in self.hook_names}
+        return dict(self.store.d_in_per_hook)
 
     def metadata(self) -> dict[str, Any]:
         """sae-lens metadata of these activations (every field but ``hook_name``)."""
-        manifest = self.cache.manifest
+        manifest = self.store.manifest
         return {
-            "model_name": manifest["model_name"],
-            "model_class_name": manifest["model_class_name"],
+            "model_name": manifest.get("model_name"),
+            "model_class_name": manifest.get("model_class_name"),
             "hook_head_index": None,
             "context_size": self.context_size,
-            "prepend_bos": self.prepend_bos,
-            "dataset_path": manifest["dataset_path"],
-            "exclude_special_tokens": self.exclude_special_tokens,
+            "prepend_bos": manifest.get("prepend_bos"),
+            "dataset_path": manifest.get("dataset_path"),
+            "exclude_special_tokens": manifest.get("exclude_special_tokens"),
         }
 
-    def chunks(self, rank: int, world_size: int, shuffle: bool, seed: int) -> Iterator[Chunk]:
-        """Cycle through the rank's cache files."""
-        cache = self.cache
-        files = list(range(rank, len(cache.file_tokens), world_size))
-        if not files:
+    def check(self, model_name: str | None) -> None:
+        """Raise ``ValueError`` if the activations were not written for ``model_name``."""
+        stored = self.store.manifest.get("model_name")
+        if model_name is not None and model_name != stored:
             raise ValueError(
-                f"The activation cache has {len(cache.file_tokens)} files, fewer than the "
-                f"{world_size} ranks: rewrite it with a smaller tokens_per_file."
+                f"The activation cache {self.path} holds activations of model {stored!r}, not "
+                f"{model_name!r}: pass the model it was written with, or write a new cache."
             )
-        for epoch in count():
-            for index in files:
-                key = (index, epoch) if shuffle else None
-                yield Chunk(cache.file_tokens[index], partial(self._load, index, key, seed))
 
     def holdout_chunks(self) -> Iterator[Chunk]:
-        """Yield the held-out file as one chunk (nothing when the cache has none)."""
-        holdout = self.cache.manifest.get("holdout")
-        if holdout is not None:
-            yield Chunk(holdout["n_tokens"], partial(self.cache.load_holdout, self.hook_names))
+        """Yield the held-out part as one chunk (nothing when there is none)."""
+        holdout = self.store.manifest.get("holdout")
+        n_tokens = 0 if holdout is None else holdout["n_tokens"]
+        if n_tokens:
+            yield Chunk(n_tokens, partial(self._holdout, n_tokens))
 
-    def _load(self, index: int, key: tuple[int, ...] | None, seed: int) -> dict[str, Tensor]:
-        return permuted(self.cache.load(index, self.hook_names), key, seed)
+    def _holdout(self, n_tokens: int) -> dict[str, Tensor]:
+        return {h: self.store.sample_activations(n_tokens, h) for h in self.hook_names}
+
+    def holdout_token_rows(self, n_rows: int) -> Tensor:
+        """Token rows of the held-out part (a sae-lens cache keeps them; a store does not)."""
+        rows = getattr(self.store, "holdout_token_rows", None)
+        if rows is None:
+            raise ValueError(
+                f"The activation store {self.path} holds no token ids of held-out rows: "
+                "evaluate with a DataModule that runs the model (model= and dataset=)."
+            )
+        return rows(n_rows)

@@ -62,27 +62,17 @@ def batches(
 
 
 def take(chunks: Iterator[Chunk], n_tokens: int) -> dict[str, Tensor] | None:
-    """Return the first ``n_tokens`` activations of ``chunks`` (fewer if they run out), on CPU."""
-    return next(regroup(chunks, n_tokens, n_tokens), None)
+    """Return the first ``n_tokens`` activations of ``chunks`` (fewer if they run out), on CPU.
 
-
-def regroup(
-    chunks: Iterator[Chunk], group_tokens: int, total_tokens: int
-) -> Iterator[dict[str, Tensor]]:
-    """Re-cut chunks into CPU groups of ``group_tokens`` activations, ``total_tokens`` in all."""
+    Chunks after those that hold ``n_tokens`` are not computed; ``None`` when there are none.
+    """
     parts: list[dict[str, Tensor]] = []
-    held, remaining = 0, total_tokens
+    held = 0
     for chunk in chunks:
-        acts = chunk.load()
-        parts.append(acts)
-        held += next(iter(acts.values())).shape[0]
-        while held >= min(group_tokens, remaining):
-            merged = {h: torch.cat([p[h] for p in parts]) for h in acts}
-            size = min(group_tokens, remaining)
-            yield {h: a[:size].cpu() for h, a in merged.items()}
-            parts = [{h: a[size:] for h, a in merged.items()}]
-            held, remaining = held - size, remaining - size
-            if remaining == 0:
-                return
-    if parts and held:
-        yield {h: torch.cat([p[h] for p in parts]).cpu() for h in parts[0]}
+        if held >= n_tokens:
+            break
+        parts.append(chunk.load())
+        held += next(iter(parts[-1].values())).shape[0]
+    if not parts:
+        return None
+    return {h: torch.cat([p[h] for p in parts])[:n_tokens].cpu() for h in parts[0]}

@@ -2,15 +2,17 @@
 
 One interface over two sources of activations: :class:`~lightning_sae.data.live.LiveSource` (a
 hooked language model run on a token source, on the rank's device) and
-:class:`~lightning_sae.data.cache.CacheSource` (activations written once by :meth:`write_cache`).
-Each source yields :class:`~lightning_sae.data.chunks.Chunk` s of activations, which the DataModule
-cuts into batches:
+:class:`~lightning_sae.data.cache.StoredSource` (an activation store written once by
+:meth:`write_cache`, a litdata dataset in a folder or at an object-store URL, or a folder of
+sae-lens's ``CacheActivationsRunner``). The live source yields
+:class:`~lightning_sae.data.chunks.Chunk` s of activations, which the DataModule cuts into
+batches; a store's own loader (litdata's ``StreamingDataLoader``) cuts its batches:
 
 - **Training**: an endless stream of ``[batch_size, d_in]`` tensors for one hook (every
   ``SAEModule`` trains from it unchanged), or ``{hook_name: [batch_size, d_in]}`` for several,
   all from one forward pass. Every rank yields the same number of batches, so no collective
   waits on a finished rank.
-- **Validation/test**: the held-out documents (or the cache's held-out file), ``val_tokens``
+- **Validation/test**: the held-out documents (or the store's held-out part), ``val_tokens``
   activations, so ``Trainer.validate``/``test`` and validation during fit work.
 - **Exporter/evaluation**: :class:`~lightning_sae.data.protocol.ExportData` and
   :class:`~lightning_sae.data.protocol.EvaluationData` (metadata, held-out activations and
@@ -22,12 +24,13 @@ of a chunk feeds many training batches. The dataloader therefore has no workers 
 :meth:`~ActivationDataModule.setup` on the rank's device, is no submodule of the LightningModule,
 so it is neither wrapped by DDP nor saved in checkpoints, and is not pickled by ``ddp_spawn``.
 
-**Resume.** Batch ``b`` of a rank is a pure function of the source, the configuration and ``b``.
-:meth:`~ActivationDataModule.state_dict` stores the batches consumed
-(``global_step * accumulate_grad_batches``); on resume the stream counts the *tokens* of the
-skipped chunks (cheap: no model forward) and computes only from the chunk holding the next batch.
-torchdata's ``StatefulDataLoader`` is not used: it skips the batch that Lightning's fit loop
-prefetched.
+**Resume.** :meth:`~ActivationDataModule.state_dict` stores the batches consumed
+(``global_step * accumulate_grad_batches``), not the batches the loader yielded: Lightning's fit
+loop has prefetched one more (torchdata's ``StatefulDataLoader`` is not used: it skips that
+batch). Live, batch ``b`` of a rank is a pure function of the source, the configuration and
+``b``: on resume the stream counts the *tokens* of the skipped chunks (cheap: no model forward)
+and computes only from the chunk holding the next batch. From a store, the state also holds
+litdata's loader state at that batch (:meth:`~lightning_sae.data.store.ActivationStore.state_dict`).
 """
 
 import os
@@ -45,11 +48,12 @@ from sae_lens.util import str_to_dtype
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_sae.data.cache import ActivationCache, CacheSource, write_cache
-from lightning_sae.data.chunks import Batch, batches, regroup, take
+from lightning_sae.data.cache import StoredSource
+from lightning_sae.data.chunks import Batch, Chunk, batches, take
 from lightning_sae.data.live import LiveSource
 from lightning_sae.data.models import HookedModel, exported_hook, transformer_lens_hook_name
 from lightning_sae.data.sources import TokenSource
+from lightning_sae.data.store import TOKEN_IDS, stored_input_tokens, write_store
 from lightning_sae.errors import ConfigurationError
 
 
@@ -117,10 +121,10 @@ class ActivationDataModule(LightningDataModule):
         model: A transformer-lens model name, a Hugging Face model name or local folder,
             ``"smollm2-135m"`` (the offline default), or a model instance (``HookedTransformer``,
             sae-lens ``HookedProxyLM`` or Hugging Face ``PreTrainedModel``). Optional with
-            ``cache_dir``, where it is checked against the cache's manifest.
+            ``cache_dir``, where it is checked against the store's manifest.
         hook_names: One hook name or several: transformer-lens hook points
             (``blocks.6.hook_resid_post``) or Hugging Face module paths (``model.layers.6``).
-            With ``cache_dir``, default: every hook in the cache.
+            With ``cache_dir``, default: every hook in the store.
         dataset: The token source (see :class:`~lightning_sae.data.sources.TokenSource`): a
             dataset name or local path, a ``datasets`` dataset, a 2-D tensor of token ids, or an
             iterable of strings / token ids.
@@ -142,10 +146,16 @@ class ActivationDataModule(LightningDataModule):
             :meth:`sample_activations` and :meth:`holdout_token_rows` give (threshold calibration,
             LM evaluation).
         model_batch_size: Rows per model forward (bounds activation memory).
-        num_workers: Dataloader workers that tokenise and pack, each its own shard.
+        num_workers: Dataloader workers that tokenise and pack (from a store: litdata's loader
+            workers), each its own shard.
         seed: Seed of the mixing permutations.
-        cache_dir: Train from an activation cache written by :meth:`write_cache` instead of
-            running the model.
+        cache_dir: Train from stored activations instead of running the model: an activation
+            store written by :meth:`write_cache` (a folder, or an ``s3://``/``gs://``/``r2://``
+            URL), or a folder written by sae-lens's ``CacheActivationsRunner``.
+        cache_options: Options of ``cache_dir``: ``storage_options`` (object-store endpoint and
+            keys) and ``cache_dir`` (local folder for a remote store's chunks); for a sae-lens
+            folder ``metadata`` (what it does not record: ``model_name``...) and
+            ``holdout_tokens``.
         trust_remote_code: Allow a Hugging Face model's own code; off unless asked for.
         val_tokens: Held-out activations (tokens) per validation or test run. Every rank evaluates
             all of them (no sharding: a rank without a batch would stall the metric sync).
@@ -174,6 +184,7 @@ class ActivationDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: str | Path | None = None,
+        cache_options: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         val_tokens: int = 16_384,
     ) -> None:
@@ -201,17 +212,19 @@ class ActivationDataModule(LightningDataModule):
         self.num_workers, self.val_tokens = num_workers, val_tokens
         self._rank, self._world_size, self._start_batch = 0, 1, 0
         self._holdout = _HeldOut()
-        self.source: LiveSource | CacheSource
+        self.shuffle_buffer_tokens = shuffle_buffer_tokens
+        self.source: LiveSource | StoredSource
         if cache_dir is not None:
             if dataset is not None:
                 raise ValueError("Pass either dataset (run the model) or cache_dir, not both.")
-            cache = ActivationCache(cache_dir)
-            self.source = CacheSource(cache, hooks)
-            expected_model = None
+            self.source = StoredSource(cache_dir, hooks, dict(cache_options or {}))
             if model is not None:
-                expected_model = LiveSource.model_name_of(model, self.source.hook_names, tokenizer)
-            cache.check(expected_model, self.source.hook_names)
+                self.source.check(
+                    LiveSource.model_name_of(model, self.source.hook_names, tokenizer)
+                )
             return
+        if cache_options:
+            raise ValueError("cache_options apply to cache_dir: pass cache_dir too, or drop them.")
         if model is None or dataset is None:
             raise ValueError("Pass model= and dataset= (or cache_dir= to train from a cache).")
         if not hooks:
@@ -297,7 +310,12 @@ class ActivationDataModule(LightningDataModule):
             self.source.build(device)
 
     def train_dataloader(self) -> DataLoader:
-        """Return an endless loader of activation batches, from the restored batch count on."""
+        """Return an endless loader of activation batches, from the restored position on."""
+        if isinstance(self.source, StoredSource):
+            stream = self.source.store.train_dataloader(
+                self.batch_size, self.seed, self.shuffle, self.num_workers
+            )
+            return DataLoader(_Batches(lambda: map(self._unwrap, stream)), batch_size=None)
         start = self._start_batch
         return DataLoader(_Batches(lambda: self._batches(start)), batch_size=None)
 
@@ -310,21 +328,32 @@ class ActivationDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def state_dict(self) -> dict[str, Any]:
-        """Batches this rank consumed, and what the stream's positions depend on."""
+        """Batches this rank consumed, what the stream's positions depend on, a store's position."""
         consumed = self._start_batch
         if self.trainer is not None:
             consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches
-        return {
+        state = {
             "batches_consumed": consumed,
             "world_size": self._world_size,
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
             "seed": self.seed,
         }
+        if isinstance(self.source, StoredSource):
+            state["store"] = self.source.store.state_dict(batches_consumed=consumed)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the stream after the batches the checkpoint consumed."""
         self._start_batch = int(state_dict["batches_consumed"])
+        if isinstance(self.source, StoredSource):
+            if "store" not in state_dict:
+                raise ValueError(
+                    "The checkpoint's data state is not a store's (it was written by a run "
+                    "without cache_dir): resume with the data it was written with."
+                )
+            self.source.store.load_state_dict(state_dict["store"])  # warns on another layout
+            return
         changed = {
             key: (state_dict[key], value)
             for key, value in self.state_dict().items()
@@ -355,8 +384,8 @@ class ActivationDataModule(LightningDataModule):
     def sample_activations(self, n_tokens: int, hook_name: str | None = None) -> Tensor:
         """``[n_tokens, d_in]`` activations of held-out documents, on the CPU.
 
-        The documents are the ``holdout_documents`` never used for training (or the cache's
-        held-out file); the training stream is not advanced. Computed once and kept.
+        The documents are the ``holdout_documents`` never used for training (or the store's
+        held-out part); the training stream is not advanced. Computed once and kept.
 
         Raises:
             ValueError: The held-out documents hold fewer than ``n_tokens`` tokens.
@@ -367,32 +396,17 @@ class ActivationDataModule(LightningDataModule):
         if acts.shape[0] < n_tokens:
             raise ValueError(
                 f"The held-out data gives {acts.shape[0]} tokens, fewer than the {n_tokens} "
-                "asked for: raise holdout_documents (or rewrite the cache), or ask for fewer."
+                "asked for: raise holdout_documents (or write the store with a larger "
+                "holdout_tokens), or ask for fewer."
             )
         return acts[:n_tokens]
-
-    def _own_hook_name(self, hook_name: str | None) -> str:
-        """Return this DataModule's name of a hook given by its own name or its exported one."""
-        if hook_name is None or hook_name in self.hook_names:
-            return hook_name or self.hook_names[0]
-        for hook in self.hook_names:
-            if transformer_lens_hook_name(hook) == hook_name:
-                return hook
-        raise ValueError(
-            f"hook_name {hook_name!r} is not one of this DataModule's {self.hook_names}."
-        )
 
     def holdout_token_rows(self, n_rows: int) -> Tensor:
         """``[n, context_size]`` token rows of the held-out documents (``n <= n_rows``), in order.
 
         These are the rows :meth:`sample_activations` runs the model on; nothing here is trained
-        on. A cache stores activations, not tokens, so it has no rows to give.
+        on. A sae-lens cache keeps its rows; our store keeps activations only, so it has none.
         """
-        if not isinstance(self.source, LiveSource):
-            raise ValueError(
-                "An activation cache holds no token ids: evaluate with a DataModule that runs the "
-                "model (model= and dataset=)."
-            )
         return self.source.holdout_token_rows(n_rows)
 
     def _hook(self, hook_name: str | None) -> str:
@@ -411,42 +425,79 @@ class ActivationDataModule(LightningDataModule):
         self,
         path: str | Path,
         n_tokens: int,
-        tokens_per_file: int = 262_144,
         holdout_tokens: int = 16_384,
-        overwrite: bool = False,
-    ) -> Path:
-        """Write the activations of the first ``n_tokens`` training tokens to a cache folder.
+        dtype: str | None = None,
+        append: bool = False,
+        resume: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        block_tokens: int = 128,
+        chunk_bytes: int = 32 << 20,
+        device: str | None = None,
+    ) -> str:
+        """Write the activations of ``n_tokens`` training tokens to an activation store.
 
-        Reads every training document in order (one shard, unshuffled; reading the cache
-        shuffles), on the model's current device, and writes atomically.
+        Reads the training documents in order (one shard, unshuffled), runs the model and
+        writes every hook's activations and the token ids through
+        :func:`~lightning_sae.data.store.write_store`: mixed over ``shuffle_buffer_tokens`` with
+        ``seed``, in blocks of ``block_tokens``. A write that was killed resumes where it
+        stopped when called again with the same arguments (the model runs only from there);
+        ``append`` adds the next ``n_tokens`` of the stream to a complete store.
+        ``ActivationDataModule(cache_dir=path)`` and ``litdata.StreamingDataset(path)`` read it.
+        Call it in one process (``lightning-sae cache``), not on every rank of a DDP run.
 
         Args:
-            path: Folder to create.
+            path: Local folder (empty or absent) or object-store URL (``s3://``, ``gs://``,
+                ``r2://``).
             n_tokens: Activations (tokens) to write per hook.
-            tokens_per_file: Tokens per safetensors file; files are the unit of sharding.
             holdout_tokens: Held-out activations stored for :meth:`sample_activations` (fewer if
-                the held-out documents hold fewer).
-            overwrite: Replace an existing cache.
+                the held-out documents hold fewer); none when appending.
+            dtype: Stored dtype (``float32``, ``bfloat16``, ``float16``); default: the model's.
+            append: Add to the complete store at ``path`` (same model, hooks and settings).
+            resume: Continue an interrupted write at ``path``; ``False`` discards it.
+            storage_options: Object-store options (``endpoint_url``, keys...).
+            block_tokens: Tokens per litdata item (the unit shuffled and sharded on reading).
+            chunk_bytes: Bytes per chunk file (the unit of download).
+            device: Where to run the model (``cuda``, ``cpu``...); default: where it is (the
+                CPU, or the rank's device after :meth:`setup`).
 
         Returns:
-            The cache folder.
+            The store's path or URL.
 
         """
-        if n_tokens <= 0:
-            raise ValueError(f"n_tokens must be positive, got {n_tokens}.")
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
+            raise ValueError(f"n_tokens must be positive (an integer), got {n_tokens!r}.")
         source = self.source
         if not isinstance(source, LiveSource):
-            raise ValueError("This DataModule reads a cache; write caches from a live model.")
-        files = regroup(
-            source.chunks(0, 1, shuffle=False, seed=self.seed), tokens_per_file, n_tokens
+            raise ValueError(
+                "This DataModule reads stored activations: write a store from a live model "
+                "(model= and dataset=)."
+            )
+        if device is not None:
+            source.build(device)
+
+        # The source is the whole stream: an append continues after the tokens already stored.
+        end = n_tokens + (stored_input_tokens(path, storage_options) if append else 0)
+
+        def chunks(start: int) -> Iterator[dict[str, Tensor]]:
+            return _stream_tokens(source, start, end - start)
+
+        def holdout() -> dict[str, Tensor] | None:
+            return take(source.holdout_chunks(), holdout_tokens) if holdout_tokens else None
+
+        return write_store(
+            os.fspath(path),
+            chunks,
+            None if append else holdout,
+            source.metadata(),
+            dtype=dtype,
+            storage_options=storage_options,
+            resume=resume,
+            append=append,
+            block_tokens=block_tokens,
+            chunk_bytes=chunk_bytes,
+            shuffle_buffer_tokens=self.shuffle_buffer_tokens,
+            seed=self.seed,
         )
-        holdout = take(source.holdout_chunks(), holdout_tokens) if holdout_tokens else None
-        metadata = {
-            **source.metadata(),
-            "hook_names": self.hook_names,
-            "d_in": self.d_in_per_hook,
-        }
-        return write_cache(path, files, holdout, metadata, overwrite=overwrite)
 
     # ------------------------------------------------------------------ the streams
     def _batches(self, start_batch: int) -> Iterator[Batch]:
@@ -463,7 +514,7 @@ class ActivationDataModule(LightningDataModule):
             if n == 0:
                 message = (
                     "There are no held-out activations to validate on: raise holdout_documents "
-                    "(or write the cache with holdout_tokens > 0)."
+                    "(or write the store with holdout_tokens > 0)."
                 )
                 fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
                 if not fitting:
@@ -475,6 +526,33 @@ class ActivationDataModule(LightningDataModule):
 
     def _unwrap(self, batch: dict[str, Tensor]) -> Batch:
         return batch[self.hook_names[0]] if len(self.hook_names) == 1 else batch
+
+
+def _stream_tokens(source: LiveSource, start: int, n_tokens: int) -> Iterator[dict[str, Tensor]]:
+    """``n_tokens`` activations and token ids of the training stream from token ``start`` on.
+
+    The stream is rank 0 of 1, unshuffled, so it is the same in every process; chunks before
+    ``start`` are counted, not computed.
+    """
+    if n_tokens <= 0:
+        return
+    rows = source.token_rows(0, 1)
+    special = torch.tensor(source.hooked_model.special_token_ids(), dtype=torch.long)
+    chunk: Chunk
+    for chunk in source.chunks(0, 1, shuffle=False, seed=0):
+        tokens = torch.stack([next(rows) for _ in range(source.rows_per_chunk)]).flatten()
+        if source.exclude_special_tokens:
+            tokens = tokens[~torch.isin(tokens, special)]
+        if chunk.n_tokens <= start:
+            start -= chunk.n_tokens
+            continue
+        acts = {TOKEN_IDS: tokens, **chunk.load()}
+        stop = min(chunk.n_tokens, start + n_tokens)
+        yield {k: v[start:stop] for k, v in acts.items()}
+        n_tokens -= stop - start
+        start = 0
+        if n_tokens == 0:
+            return
 
 
 def _check_run_ends(trainer: Trainer) -> None:

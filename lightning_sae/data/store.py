@@ -206,7 +206,7 @@ class _Location:
 def write_store(
     path: str | os.PathLike[str],
     chunks: Chunks,
-    holdout: dict[str, Tensor] | None,
+    holdout: dict[str, Tensor] | Callable[[], dict[str, Tensor] | None] | None,
     metadata: dict[str, Any],
     dtype: str | torch.dtype | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -226,9 +226,12 @@ def write_store(
         path: Local folder or object-store URL (``s3://``, ``gs://``, ``r2://``).
         chunks: Activations ``{hook_name: [n, d_in]}`` (every hook the same ``n``; optionally
             ``"token_ids": [n]``), in stream order; or a callable ``start_token -> chunks`` that
-            yields the same stream from token ``start_token`` on, so a resumed write skips the
-            input without recomputing it (a plain iterable is consumed up to that point).
-        holdout: Held-out activations in the same form, for ``sample_activations``, or ``None``.
+            yields the source from token ``start_token`` on, so a resumed write skips the
+            input without recomputing it (a plain iterable is consumed up to that point). A
+            callable is the whole source: an append asks it for the tokens after those the
+            store already holds (the manifest's ``input_tokens``).
+        holdout: Held-out activations in the same form, for ``sample_activations``, or ``None``;
+            or a callable returning them, called only when a write starts (not on resume).
         metadata: Manifest fields describing the source (``model_name``, ``model_class_name``,
             ``context_size``, ``prepend_bos``, ``dataset_path``, ``exclude_special_tokens``...).
         dtype: Stored dtype (``float32``, ``bfloat16``, ``float16``); default: the input's.
@@ -279,7 +282,14 @@ def write_store(
             f"({progress['request']}): pass the same arguments to resume it, or resume=False "
             "to discard it."
         )
-    source = chunks(progress["input_tokens"] if progress else 0) if callable(chunks) else chunks
+    if callable(chunks):
+        if progress is not None:
+            start = progress["base"]["input_tokens"] + progress["input_tokens"]
+        else:
+            start = _stored_input_tokens(location) if append else 0
+        source: Iterable[dict[str, Tensor]] = chunks(start)
+    else:
+        source = chunks
     stream = iter(source)
     if progress is None:
         first = next(stream, None)
@@ -293,6 +303,21 @@ def write_store(
     return _finish_write(location, progress)
 
 
+def stored_input_tokens(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> int:
+    """Source tokens the complete store at ``path`` was written from (0 when there is none).
+
+    An append with a callable source starts there; a caller that bounds its source needs it.
+    """
+    return _stored_input_tokens(_Location(path, storage_options))
+
+
+def _stored_input_tokens(location: _Location) -> int:
+    manifest = _load_json(location, MANIFEST) or {}
+    return manifest.get("input_tokens", manifest.get("n_tokens", 0))
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -304,7 +329,10 @@ def _load_json(location: _Location, file: str) -> dict[str, Any] | None:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{location.name(file)} is not valid JSON: {error}") from error
+        raise ValueError(
+            f"{location.name(file)} is not valid JSON ({error}): the store is corrupt; rewrite it "
+            "(lightning-sae cache; resume=False discards an interrupted write)."
+        ) from error
 
 
 def _chain(first: dict[str, Tensor], rest: Iterator[dict[str, Tensor]]) -> Iterator[dict]:
@@ -378,7 +406,7 @@ def _start_write(
         "buffer_tokens": -(-request["shuffle_buffer_tokens"] // chunk_tokens) * chunk_tokens,
     }
     manifest = _load_json(location, MANIFEST)
-    base: dict[str, Any] = {"chunks": [], "n_tokens": 0, "holdout": None}
+    base: dict[str, Any] = {"chunks": [], "n_tokens": 0, "input_tokens": 0, "holdout": None}
     if request["append"]:
         if manifest is None:
             raise FileNotFoundError(f"append=True but {location} holds no complete store.")
@@ -388,6 +416,7 @@ def _start_write(
         index = _load_json(location, INDEX)
         assert index is not None
         base = {k: manifest[k] for k in ("n_tokens", "holdout")} | {"chunks": index["chunks"]}
+        base["input_tokens"] = _stored_input_tokens(location)
     elif manifest is not None:
         raise FileExistsError(
             f"{location} already holds an activation store: pass append=True to add to it, or "
@@ -399,6 +428,8 @@ def _start_write(
         raise FileExistsError(
             f"{location} is not empty and holds no activation store: write to an empty path."
         )
+    if callable(holdout):
+        holdout = holdout()
     if holdout is not None:
         base["holdout"] = _write_holdout(location, holdout, settings)
     progress = {
@@ -550,6 +581,7 @@ def _finish_write(location: _Location, progress: dict) -> str:
         },
         "items_per_chunk": settings["items_per_chunk"],
         "n_tokens": base["n_tokens"] + new_tokens,
+        "input_tokens": base["input_tokens"] + progress["input_tokens"],
         "holdout": base["holdout"],
     }
     index = {
@@ -564,11 +596,49 @@ def _finish_write(location: _Location, progress: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------- reading
-def _check_manifest(manifest: dict[str, Any], where: Any) -> None:
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+def _check_manifest(manifest: Any, where: Any) -> None:
+    fields = manifest if isinstance(manifest, dict) else {}
+    if fields.get("format") != FORMAT or fields.get("version") != VERSION:
         raise ValueError(
-            f"{where} is not a version-{VERSION} lightning-sae activation store "
-            f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})."
+            f"{where}/{MANIFEST} is not the manifest of a version-{VERSION} lightning-sae "
+            f"activation store (format={fields.get('format')!r}, "
+            f"version={fields.get('version')!r}): rewrite the store (lightning-sae cache)."
+        )
+
+
+#: Manifest fields a reader needs (besides ``format`` and ``version``).
+REQUIRED_FIELDS = ("hook_names", "d_in", "has_token_ids", "dtype", "block_tokens", "n_tokens",
+                   "holdout", "context_size")  # fmt: skip
+
+
+def _check_contents(
+    manifest: dict[str, Any], index: Any, location: _Location, appending: bool
+) -> None:
+    """Refuse missing manifest fields, file names outside the store and a wrong token count.
+
+    A corrupt (or hostile) store fails when opened, not mid-run. While an append is under way
+    (``appending``) the manifest may already count the new chunks the index does not list yet.
+    """
+    fix = "the store is corrupt; rewrite it (lightning-sae cache)."
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise ValueError(f"{location.name(MANIFEST)} lacks the field(s) {missing}: {fix}")
+    chunks = index.get("chunks") if isinstance(index, dict) else None
+    if not isinstance(chunks, list) or not all(isinstance(c, dict) for c in chunks):
+        raise ValueError(f"{location.name(INDEX)} lists no chunks: {fix}")
+    names = [c.get("filename") for c in chunks]
+    if manifest["holdout"] is not None:
+        names.append(manifest["holdout"].get("file"))
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n.startswith(".")]
+    if bad:
+        raise ValueError(
+            f"{location} names files {bad} that are not plain names inside the store: {fix}"
+        )
+    held = sum(int(c.get("chunk_size", 0)) for c in chunks) * manifest["block_tokens"]
+    if held != manifest["n_tokens"] and not appending:
+        raise ValueError(
+            f"{location.name(MANIFEST)} states {manifest['n_tokens']} tokens, its {INDEX} holds "
+            f"{held}: {fix}"
         )
 
 
@@ -603,20 +673,29 @@ class ActivationStore:
         self.location = _Location(path_or_url, storage_options)
         self.cache_dir = None if cache_dir is None else str(cache_dir)
         manifest = _load_json(self.location, MANIFEST)
-        if manifest is None or not self.location.exists(INDEX):
+        index = _load_json(self.location, INDEX)
+        if manifest is None or index is None:
             if _load_json(self.location, "manifest.json") is not None:
                 raise ValueError(
                     f"{self.location} is an activation cache of the previous format: convert it "
                     "with lightning_sae.data.store.convert_cache(old, new) (or python -m "
                     "lightning_sae.data.store convert OLD NEW)."
                 )
-            what = "an interrupted write" if self.location.exists(PROGRESS) else "no store"
+            if index is not None:
+                what = f"a litdata dataset without our {MANIFEST} (not written by lightning-sae)"
+            elif self.location.exists(PROGRESS):
+                what = "an interrupted write"
+            else:
+                what = "no store"
             raise FileNotFoundError(
-                f"{self.location} holds {what}: write one with write_store (an interrupted "
-                "write resumes when write_store is called again with the same arguments)."
+                f"{self.location} holds {what}: write one with ActivationDataModule(...)"
+                ".write_cache(path, n_tokens) or lightning-sae cache (an interrupted write "
+                "resumes when run again with the same arguments)."
             )
         _check_manifest(manifest, self.location)
-        if self.location.exists(PROGRESS):
+        appending = self.location.exists(PROGRESS)
+        _check_contents(manifest, index, self.location, appending)
+        if appending:
             warnings.warn(
                 f"An append to {self.location} was interrupted before it finished: call "
                 "write_store again with the same arguments to finish it.",
@@ -628,7 +707,7 @@ class ActivationStore:
         if missing:
             raise ValueError(
                 f"The store {self.location} has no activations for hooks {missing}; it holds "
-                f"{manifest['hook_names']}."
+                f"{manifest['hook_names']}. Ask for those, or write a new store."
             )
         self.d_in_per_hook: dict[str, int] = {h: manifest["d_in"][h] for h in self.hook_names}
         self.dtype = str_to_dtype(manifest["dtype"])
@@ -746,9 +825,16 @@ class ActivationStore:
                 f"The store's held-out part holds {available} tokens, fewer than the {n_tokens} "
                 "asked for: ask for fewer, or rewrite the store with a larger holdout."
             )
-        with tempfile.TemporaryDirectory() as tmp:
-            tensors = load_file(self.location.get(holdout["file"], Path(tmp)))
-        return tensors[hook][:n_tokens]
+        name = self.location.name(holdout["file"])
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                tensors = load_file(self.location.get(holdout["file"], Path(tmp)))
+            return tensors[hook][:n_tokens]
+        except Exception as error:  # missing file, safetensors' own errors, a missing hook
+            raise ValueError(
+                f"Cannot read the held-out part {name} ({type(error).__name__}: {error}): the "
+                "store is incomplete or corrupt; rewrite it (lightning-sae cache)."
+            ) from error
 
 
 class _StoreStream:
@@ -798,7 +884,7 @@ class _StoreStream:
         held = 0
         while True:
             empty = True
-            for batch in loader:
+            for batch in _readable(loader, self.store.location):
                 empty = False
                 acts = self.store._unpack(batch)
                 n = next(iter(acts.values())).shape[0]
@@ -821,6 +907,22 @@ class _StoreStream:
                     yield out
             if empty:
                 raise RuntimeError("The store's loader yielded no batch in an epoch.")
+
+
+def _readable(loader: Any, location: _Location) -> Iterator[dict[str, Tensor]]:
+    """Iterate litdata's loader; a missing or corrupt chunk is an error naming the store's fix."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as error:  # litdata's own types: RuntimeError, ChunkWaitTimeoutError...
+            raise ValueError(
+                f"Cannot read the activation store {location} ({type(error).__name__}: {error}): "
+                "a chunk file is missing or corrupt; rewrite the store (lightning-sae cache)."
+            ) from error
+        yield batch
 
 
 def _take(parts: list[dict[str, Tensor]], n: int) -> tuple[dict[str, Tensor], list[dict]]:

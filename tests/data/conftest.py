@@ -1,6 +1,10 @@
-"""Fixtures for the data tests: a small BPE tokenizer and a tiny random HookedTransformer."""
+"""Fixtures for the data tests: a small BPE tokenizer, a tiny random HookedTransformer, a moto S3
+server on loopback, and a folder written by sae-lens's own CacheActivationsRunner."""
 
+import logging
 import pydoc_data.topics
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import huggingface_hub.constants
@@ -56,3 +60,72 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
     torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+
+@pytest.fixture
+def s3(monkeypatch) -> dict:
+    """A moto S3 server on 127.0.0.1 with an empty bucket ``acts``; returns storage_options."""
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {
+        "endpoint_url": f"http://{host}:{port}",
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+    }
+    boto3.client("s3", **options).create_bucket(Bucket="acts")
+    yield options
+    # The server's state lives in this process (moto's backends): empty it for the next test.
+    reset = urllib.request.Request(f"{options['endpoint_url']}/moto-api/reset", method="POST")
+    urllib.request.urlopen(reset).close()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sae_lens_cache(tmp_path_factory) -> Path:
+    """A cache written by sae-lens's own CacheActivationsRunner over a tiny random HF Llama."""
+    from datasets import Dataset
+    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("llama")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(
+        ["a tiny corpus", "of two lines"],
+        trainers.BpeTrainer(vocab_size=64, special_tokens=["<bos>", "<eos>"], show_progress=False),
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>"
+    ).save_pretrained(folder)
+    torch.manual_seed(0)
+    llama = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    LlamaForCausalLM(llama).save_pretrained(folder)
+    rows = torch.randint(2, 64, (64, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    out = tmp_path_factory.mktemp("sae_lens") / "cache"
+    config = CacheActivationsRunnerConfig(
+        dataset_path="local", model_name=str(folder), model_class_name="AutoModelForCausalLM",
+        hook_name="model.layers.0", d_in=16, training_tokens=64 * 16, context_size=16,
+        model_batch_size=8, new_cached_activations_path=str(out), device="cpu",
+        buffer_size_gb=32 * 16 * 16 * 4 / 1e9, shuffle=False, prepend_bos=False, streaming=False,
+    )  # fmt: skip
+    CacheActivationsRunner(config, override_dataset=Dataset.from_dict({"input_ids": rows})).run()
+    return out

@@ -1,10 +1,11 @@
 """2-rank DDP fits from an activation store: the ranks' litdata shards, and an exact resume.
 
 Run as a standalone script (``python ddp_store.py STORE OUT_DIR``): ``strategy="ddp"`` relaunches
-the running script as rank 1, which must not be pytest. The DataModule below is the pattern for
-delegating to :class:`~lightning_sae.data.store.ActivationStore`: build the loader in
-``train_dataloader`` (after the process group exists), and save the position of the batches
-*consumed* (``global_step * accumulate_grad_batches``; the fit loop has prefetched one more).
+the running script as rank 1, which must not be pytest. The plain DataModule below tests
+:class:`~lightning_sae.data.store.ActivationStore`'s own contract (``ActivationDataModule`` follows
+it; ``tests/scripts/ddp_store_fit.py`` tests that): build the loader in ``train_dataloader``
+(after the process group exists), and save the position of the batches *consumed*
+(``global_step * accumulate_grad_batches``; the fit loop has prefetched one more).
 Token ``t`` of the store has ``acts[t, 0] == t``. Each rank writes the tokens of its first epoch,
 and whether the batches of a run interrupted at step 8 and resumed from its checkpoint equal
 those of an uninterrupted run (24 steps: past the end of the first epoch, at step 20).

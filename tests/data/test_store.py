@@ -6,7 +6,6 @@ says which tokens it holds: coverage and order are checked by exact equality, no
 """
 
 import json
-import logging
 import pickle
 import runpy
 import subprocess
@@ -245,31 +244,6 @@ def test_killed_write_resumes_where_it_stopped(tmp_path):
     )
 
 
-@pytest.fixture
-def s3(monkeypatch) -> dict:
-    """A moto S3 server on 127.0.0.1 with an empty bucket ``acts``; returns storage_options."""
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {
-        "endpoint_url": f"http://{host}:{port}",
-        "aws_access_key_id": "testing",
-        "aws_secret_access_key": "testing",
-    }
-    boto3.client("s3", **options).create_bucket(Bucket="acts")
-    yield options
-    server.stop()
-
-
 def test_object_store_on_a_loopback_server(s3, store_path, tmp_path):
     url = "s3://acts/run1/store"
     holdout = {k: v for k, v in source(64, first=10_000)[0].items() if k != "token_ids"}
@@ -339,47 +313,6 @@ def test_old_cache_converts_in_one_line(tmp_path):
     torch.testing.assert_close(
         store.sample_activations(32, HOOKS[1]), holdout[HOOKS[1]], rtol=0, atol=0
     )
-
-
-@pytest.fixture(scope="module")
-def sae_lens_cache(tmp_path_factory) -> Path:
-    """A cache written by sae-lens's own CacheActivationsRunner over a tiny random HF Llama."""
-    from datasets import Dataset
-    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("llama")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(
-        ["a tiny corpus", "of two lines"],
-        trainers.BpeTrainer(vocab_size=64, special_tokens=["<bos>", "<eos>"], show_progress=False),
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>"
-    ).save_pretrained(folder)
-    torch.manual_seed(0)
-    llama = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    LlamaForCausalLM(llama).save_pretrained(folder)
-    rows = torch.randint(2, 64, (64, 16), generator=torch.Generator().manual_seed(0)).tolist()
-    out = tmp_path_factory.mktemp("sae_lens") / "cache"
-    config = CacheActivationsRunnerConfig(
-        dataset_path="local", model_name=str(folder), model_class_name="AutoModelForCausalLM",
-        hook_name="model.layers.0", d_in=16, training_tokens=64 * 16, context_size=16,
-        model_batch_size=8, new_cached_activations_path=str(out), device="cpu",
-        buffer_size_gb=32 * 16 * 16 * 4 / 1e9, shuffle=False, prepend_bos=False, streaming=False,
-    )  # fmt: skip
-    CacheActivationsRunner(config, override_dataset=Dataset.from_dict({"input_ids": rows})).run()
-    return out
 
 
 def test_sae_lens_cache_trains_through_the_same_interface(sae_lens_cache):
