@@ -79,14 +79,12 @@ def main() -> None:
     results["train_live"] = train_tokens_per_sec(dm, steps=args.tokens // BATCH)
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = dm.write_cache(
-            Path(tmp) / "cache", args.tokens, tokens_per_file=args.tokens // 4, holdout_tokens=0
-        )
+        path = dm.write_cache(Path(tmp) / "cache", args.tokens, holdout_tokens=0)
         cached = ActivationDataModule(cache_dir=path, batch_size=BATCH)
         cached.setup("fit")
         n_batches = 200
         start = time.perf_counter()
-        for _ in islice(cached._batches(0), n_batches):
+        for _ in islice(iter(cached.train_dataloader()), n_batches):
             pass
         results["cache_read"] = n_batches * BATCH / (time.perf_counter() - start)
         results["train_cache"] = train_tokens_per_sec(cached, steps=100)

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -271,12 +272,13 @@ def ensure_cache(
     path: Path, n_tokens: int, context_size: int, hook: str, holdout_tokens: int
 ) -> float:
     """Write the SmolLM2 activation cache unless a matching one is there; return the seconds."""
-    if (path / "manifest.json").exists():
-        manifest = json.loads((path / "manifest.json").read_text())
+    if (path / "lightning_sae.json").exists():  # an activation store (a killed write resumes)
+        manifest = json.loads((path / "lightning_sae.json").read_text())
         holdout = (manifest.get("holdout") or {}).get("n_tokens")
-        found = (manifest.get("n_tokens"), manifest.get("context_size"), holdout)
+        found = (manifest.get("input_tokens"), manifest.get("context_size"), holdout)
         if found == (n_tokens, context_size, holdout_tokens):
             return 0.0
+        shutil.rmtree(path)  # written for other settings
     start = time.perf_counter()
     ActivationDataModule(
         model="smollm2-135m",
@@ -285,7 +287,7 @@ def ensure_cache(
         context_size=context_size,
         exclude_special_tokens=True,
         holdout_documents=16,
-    ).write_cache(path, n_tokens=n_tokens, holdout_tokens=holdout_tokens, overwrite=True)
+    ).write_cache(path, n_tokens=n_tokens, holdout_tokens=holdout_tokens)
     return time.perf_counter() - start
 
 

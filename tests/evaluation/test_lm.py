@@ -176,7 +176,7 @@ def test_logs_to_every_logger(model, documents, tmp_path):
 # ---------------------------------------------------------------------- clear errors at setup
 def test_without_tokens_is_an_error_at_setup(model, documents, tmp_path):
     live = make_dm(model, documents)
-    live.write_cache(tmp_path / "cache", n_tokens=512, tokens_per_file=256)
+    live.write_cache(tmp_path / "cache", n_tokens=512)
     cached = ActivationDataModule(cache_dir=tmp_path / "cache", batch_size=128)
     module = TopKSAE(d_in=32, d_sae=64, k=4)
     with pytest.raises(ValueError, match=r"cannot evaluate on this DataModule.*no token ids"):

@@ -40,6 +40,7 @@ from lightning_sae import (
     export_to_sae_lens,
     load_from_sae_lens,
 )
+from lightning_sae.data.store import INDEX, MANIFEST
 
 HOOK = "blocks.0.hook_resid_post"
 D_IN, D_SAE, VOCAB = 16, 32, 50
@@ -120,8 +121,8 @@ def build_world(root: Path) -> World:
     torch.manual_seed(0)
     model = tiny_model()
     tokens = torch.randint(0, VOCAB, (48, 40))
-    cache = live_data(model, tokens).write_cache(
-        root / "cache", n_tokens=1024, tokens_per_file=256, holdout_tokens=128
+    cache = Path(
+        live_data(model, tokens).write_cache(root / "cache", n_tokens=1024, holdout_tokens=128)
     )
     activations = torch.randn(512, D_IN)
     export = export_to_sae_lens(
@@ -184,21 +185,23 @@ def _write_bad_exports(bad: Path, export: Path, topk_export: Path) -> None:
 
 
 def _write_bad_caches(bad: Path, cache: Path) -> None:
-    def variant(name: str, edit: Callable[[dict[str, Any]], Any] | None = None) -> Path:
+    def variant(
+        name: str, edit: Callable[[dict[str, Any]], Any] | None = None, file: str = MANIFEST
+    ) -> Path:
         folder = Path(shutil.copytree(cache, bad / name))
         if edit is not None:
-            manifest = json.loads((folder / "manifest.json").read_text())
-            edit(manifest)
-            (folder / "manifest.json").write_text(json.dumps(manifest))
+            content = json.loads((folder / file).read_text())
+            edit(content)
+            (folder / file).write_text(json.dumps(content))
         return folder
 
-    variant("cache_no_manifest").joinpath("manifest.json").unlink()
-    variant("cache_bad_json").joinpath("manifest.json").write_text("{")
+    variant("cache_no_manifest").joinpath(MANIFEST).unlink()
+    variant("cache_bad_json").joinpath(MANIFEST).write_text("{")
     variant("cache_v2", lambda m: m.update(version=2))
-    variant("cache_escape", lambda m: m["files"][0].update(name="../../notes.txt"))
-    variant("cache_overstated", lambda m: m["files"][0].update(n_tokens=999_999))
-    variant("cache_no_files", lambda m: m.pop("files"))
-    variant("cache_corrupt_shard").joinpath("activations_00000.safetensors").write_bytes(b"x" * 9)
+    variant("cache_escape", lambda i: i["chunks"][0].update(filename="../../notes.txt"), INDEX)
+    variant("cache_overstated", lambda m: m.update(n_tokens=999_999))
+    variant("cache_no_files", lambda m: m.pop("d_in"))
+    variant("cache_corrupt_shard").joinpath("chunk-0-0.bin").write_bytes(b"x" * 9)
 
 
 CONFIG = """\
@@ -654,7 +657,7 @@ def _cases() -> list[Case]:
             "export-over-other-files",
             lambda w, t: export_to_sae_lens(StandardSAE(D_IN, D_SAE), w.cache),
             "FileExistsError",
-            ("activations_00000.safetensors",),
+            ("chunk-0-0.bin",),
             "overwrite=True",
         ),
         C(
@@ -883,36 +886,36 @@ def _cases() -> list[Case]:
             "cache-without-manifest",
             lambda w, t: cache_data(w.bad / "cache_no_manifest"),
             "FileNotFoundError",
-            ("cache_no_manifest/manifest.json",),
+            ("cache_no_manifest", "lightning_sae.json"),
             "write_cache(path, n_tokens)",
         ),
         C(
             "cache-manifest-not-json",
             lambda w, t: cache_data(w.bad / "cache_bad_json"),
             "ValueError",
-            ("cache_bad_json/manifest.json", "not valid JSON"),
-            "rewrite the cache",
+            ("cache_bad_json/lightning_sae.json", "not valid JSON"),
+            "rewrite it",
         ),
         C(
             "cache-other-version",
             lambda w, t: cache_data(w.bad / "cache_v2"),
             "ValueError",
             ("version=2",),
-            "rewrite the cache",
+            "rewrite the store",
         ),
         C(
             "cache-manifest-without-files",
             lambda w, t: cache_data(w.bad / "cache_no_files"),
             "ValueError",
-            ("cache_no_files/manifest.json", "'files'"),
-            "rewrite the cache",
+            ("cache_no_files/lightning_sae.json", "'d_in'"),
+            "rewrite it",
         ),
         C(
             "cache-file-outside-folder",
             lambda w, t: first_batch(cache_data(w.bad / "cache_escape", shuffle=False)),
             "ValueError",
             ("'../../notes.txt'",),
-            "rewrite the cache",
+            "rewrite it",
         ),
         C(
             "cache-overstated-tokens",
@@ -925,8 +928,8 @@ def _cases() -> list[Case]:
             "cache-corrupt-shard",
             lambda w, t: first_batch(cache_data(w.bad / "cache_corrupt_shard", shuffle=False)),
             "ValueError",
-            ("activations_00000.safetensors",),
-            "rewrite the cache",
+            ("chunk-0-0.bin",),
+            "rewrite the store",
         ),
         C(
             "cache-other-model",
@@ -954,7 +957,7 @@ def _cases() -> list[Case]:
             lambda w, t: live_data(w.model, w.tokens).write_cache(w.cache, n_tokens=256),
             "FileExistsError",
             ("cache",),
-            "overwrite=True",
+            "append=True",
         ),
         C(
             "cache-write-no-tokens",
@@ -968,7 +971,7 @@ def _cases() -> list[Case]:
             lambda w, t: cache_data(w.cache).sample_activations(16_384),
             "ValueError",
             ("128 tokens", "16384"),
-            "rewrite the cache",
+            "larger holdout_tokens",
         ),
         # ---- DataModule (live)
         C(

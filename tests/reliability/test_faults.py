@@ -20,7 +20,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from lightning_sae.data import ActivationCache
+from lightning_sae import ActivationDataModule
 
 WORKER = Path(__file__).parents[1] / "scripts" / "fault_worker.py"
 KILLS = 3
@@ -107,14 +107,22 @@ def test_killed_export_keeps_the_previous_export(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_killed_cache_write_keeps_the_previous_cache(tmp_path: Path):
+def test_killed_cache_write_resumes_and_never_shows_a_partial_store(tmp_path: Path):
     rng = random.Random(2)
+    stored = []
     for _ in range(KILLS):
         kill_while_writing(worker("cache", tmp_path, 10_000), rng.uniform(0.0, 1.0))
-        cache = ActivationCache(tmp_path / "cache")
-        assert [cache.load(i, [HOOK])[HOOK].shape[0] for i in range(8)] == [256] * 8
+        try:  # a complete store (every append whole), or none yet: never a partial one
+            data = ActivationDataModule(cache_dir=tmp_path / "cache", batch_size=64)
+        except FileNotFoundError:
+            assert not stored
+            continue
+        stored.append(data.source.store.n_tokens)
+        assert stored[-1] % 2048 == 0 and stored == sorted(stored)
     finish(worker("cache", tmp_path, 1))
-    assert sum(ActivationCache(tmp_path / "cache").file_tokens) == 2048
+    data = ActivationDataModule(cache_dir=tmp_path / "cache", batch_size=64)
+    assert data.source.store.n_tokens == (stored[-1] + 2048 if stored else 2048)
+    assert not (tmp_path / "cache" / ".lightning_sae_staging").exists()
     assert temporaries(tmp_path) == []
 
 

@@ -97,7 +97,7 @@ def test_gemma_scope_npz_and_the_cache_never_pickle(tmp_path: Path, no_pickle: N
         context_size=16,
         prepend_bos=False,
     )
-    dm.write_cache(tmp_path / "cache", n_tokens=512, tokens_per_file=128)
+    dm.write_cache(tmp_path / "cache", n_tokens=512)
     assert load_from_sae_lens(tmp_path / "params.npz").sae.cfg.d_sae == 32
     cached = ActivationDataModule(cache_dir=tmp_path / "cache", batch_size=128)
     assert next(iter(cached.train_dataloader())).shape == (128, 16)
@@ -155,7 +155,7 @@ def test_resume_is_exact_for_the_density_window_and_dead_latents(tmp_path: Path)
 
     torch.manual_seed(0)
     cache = live_data(tiny_model(), torch.randint(0, 50, (48, 40))).write_cache(
-        tmp_path / "cache", n_tokens=1024, tokens_per_file=256, holdout_tokens=128
+        tmp_path / "cache", n_tokens=1024, holdout_tokens=128
     )
 
     def module() -> TopKSAE:  # a window of 6 steps: one closes at step 6, another is open at 8

@@ -82,8 +82,9 @@ def cache(root: Path, n: int) -> None:
         shuffle_buffer_tokens=256,
     )
     print("READY", flush=True)
-    for _ in range(n):
-        dm.write_cache(root / "cache", n_tokens=2048, tokens_per_file=256, overwrite=True)
+    for _ in range(n):  # the first call writes (or resumes a killed write); later ones append
+        append = (root / "cache" / "lightning_sae.json").exists()
+        dm.write_cache(root / "cache", n_tokens=2048, append=append)
 
 
 def enospc(root: Path) -> None:
