@@ -145,3 +145,105 @@ def test_latent_parallel_pass_is_the_dense_pass(tmp_path: Path):
             torch.testing.assert_close(
                 sharded["grads"][name], grad, atol=atol * grad.abs().max(), rtol=rtol, msg=case
             )
+
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "topk_latent_parallel.yaml"
+CONTEXT, N_DOCUMENTS = 16, 16
+
+
+def example_overrides(root: Path, documents: list[list[int]], devices: int) -> dict:
+    """Shrink the example (4 steps, 64 latents) and train on a tiny transformer-lens model.
+
+    One document (``CONTEXT`` tokens) per step: with 2 devices every rank trains on rank 0's
+    stream, documents 0, 2, 4, … (the DataModule shards documents by global rank), so the
+    one-process run reads exactly those documents.
+    """
+    tiny_lm = {
+        "class_path": "transformer_lens.HookedTransformer",
+        "init_args": {
+            "cfg": {
+                "n_layers": 1,
+                "d_model": 16,
+                "n_ctx": CONTEXT,
+                "d_head": 4,
+                "n_heads": 4,
+                "d_vocab": 64,
+                "act_fn": "gelu",
+                "seed": 0,
+            }
+        },
+    }
+    return {
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": devices,
+            "max_steps": 4,
+            "default_root_dir": str(root),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {
+            "class_path": "lightning_sae.TopKSAE",
+            "init_args": {"d_sae": 64, "k": 4, "lr_warm_up_steps": 0, "lr_decay_steps": 0},
+        },
+        "data": {
+            "class_path": "lightning_sae.ActivationDataModule",
+            "init_args": {
+                "model": tiny_lm,
+                "hook_names": "blocks.0.hook_resid_post",
+                "dataset": documents,
+                "context_size": CONTEXT,
+                "batch_size": CONTEXT,
+                "prepend_bos": False,
+                "shuffle": False,
+                "shuffle_buffer_tokens": CONTEXT,
+                "holdout_documents": 0,
+            },
+        },
+    }
+
+
+def test_example_config_trains_on_two_devices_like_one_process(tmp_path: Path):
+    """``lightning-sae fit --config examples/topk_latent_parallel.yaml --trainer.devices 2``.
+
+    Its gathered ``last.ckpt`` loads in one process and exports a plain sae-lens folder equal
+    (``ATOL``/``RTOL``) to the export of a one-process run on the same batches.
+    """
+    import yaml
+
+    from lightning_sae import export_to_sae_lens
+    from lightning_sae.cli import SAECLI
+
+    documents = [[(7 * d + 3 * t) % 61 + 1 for t in range(CONTEXT)] for d in range(N_DOCUMENTS)]
+    two = tmp_path / "two"
+    override = tmp_path / "two.yaml"
+    override.write_text(yaml.safe_dump(example_overrides(two, documents, 2)))
+    command = [
+        str(Path(sys.executable).parent / "lightning-sae"),
+        "fit",
+        f"--config={EXAMPLE}",
+        f"--config={override}",
+        "--trainer.devices=2",
+        "--trainer.strategy.init_args.timeout=0:03:00",  # a hung collective fails in minutes
+        "--trainer.callbacks.every_n_train_steps=4",  # ModelCheckpoint: last.ckpt at the end
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    (last,) = two.rglob("last.ckpt")
+    assert last.is_file()  # gathered (save_distributed_checkpoint: false), one file
+    metadata = {"hook_name": "blocks.0.hook_resid_post"}
+    export_to_sae_lens(SAEModule.load_from_checkpoint(last), tmp_path / "two_sae", metadata)
+
+    one = tmp_path / "one"
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(example_overrides(one, documents[::2], 1)))
+    cli = SAECLI(
+        args=[
+            "fit",
+            f"--config={EXAMPLE}",
+            f"--config={tmp_path / 'one.yaml'}",
+            "--trainer.strategy=auto",
+            "--trainer.callbacks.every_n_train_steps=4",
+        ]
+    )
+    export_to_sae_lens(cli.model, tmp_path / "one_sae", metadata)
+    assert_same_export(tmp_path / "one_sae", tmp_path / "two_sae")
