@@ -115,6 +115,15 @@ def test_fsdp2_matches_one_process(runs: Path, tmp_path: Path, architecture: str
     assert_same_state(reference.state_dict(), torch.load(runs / f"fsdp_{architecture}.pt"))
 
 
+@pytest.mark.parametrize("architecture", mp.DDP_TWINS)
+def test_fsdp2_matches_ddp(runs: Path, architecture: str):
+    """Where no one-process run is the same (per-rank selection, rank-averaged statistics,
+    JumpReLU's in-place threshold writes), FSDP2 matches DDP on the same per-rank batches."""
+    assert_same_state(
+        torch.load(runs / f"ddp_{architecture}.pt"), torch.load(runs / f"fsdp_{architecture}.pt")
+    )
+
+
 @pytest.mark.parametrize("architecture", sorted(mp.FSDP_ARCHITECTURES))
 def test_fsdp2_exports_load_in_sae_lens(runs: Path, architecture: str):
     sae = sae_lens.SAE.load_from_disk(str(runs / f"fsdp_{architecture}_export"))

@@ -9,7 +9,9 @@ script as rank 1, which then runs the same sequence), on :func:`activations` in 
 3. ``gathered_topk``: 3 steps saving a gathered checkpoint (one file);
 4. ``fsdp_<arch>`` for every architecture: FSDP2 (``data_parallel_size=2``), 6 steps of 32
    tokens per rank (rank ``r`` takes rows ``r, r + 2, …``: the union of the ranks' batches
-   ``i`` is rows ``64i … 64i + 63``, one process's batch ``i`` of 64).
+   ``i`` is rows ``64i … 64i + 63``, one process's batch ``i`` of 64);
+5. ``ddp_<arch>`` for the architectures whose FSDP2 run has no one-process twin (per-rank
+   selection or rank-averaged statistics): the same runs under DDP.
 
 After each run every rank gathers the module (:func:`~lightning_sae.parallel.gathered_module`),
 rank 0 saves its state as ``<run>.pt`` and exports it to ``<run>_export/``.
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sae import SAEModule, export_to_sae_lens
@@ -39,6 +41,9 @@ FSDP_ARCHITECTURES = {
     "jumprelu": {"target_l0": 8.0},
     "atm": {},
 }
+
+#: FSDP2 runs compared with DDP (no one-process twin: per-rank top-k, rank-averaged statistics).
+DDP_TWINS = ("batchtopk", "matryoshka_batchtopk", "jumprelu", "atm")
 
 
 def activations() -> torch.Tensor:
@@ -60,13 +65,20 @@ def module(architecture: str, **hparams) -> SAEModule:
     )
 
 
-def trainer(steps: int, data: int, latents: int, root: Path, **strategy) -> L.Trainer:
-    """A CPU Trainer on ``ModelParallelStrategy`` (or one process when ``data * latents == 1``)."""
-    parallel = ModelParallelStrategy(
-        data_parallel_size=data,
-        tensor_parallel_size=latents,
-        timeout=timedelta(minutes=3),  # a hung collective fails in minutes
-        **strategy,
+def trainer(
+    steps: int, data: int, latents: int, root: Path, ddp: bool = False, **strategy
+) -> L.Trainer:
+    """A CPU Trainer on ``ModelParallelStrategy`` (or one process when ``data * latents == 1``).
+
+    With ``ddp``, Lightning's ``DDPStrategy`` on ``data`` processes instead.
+    """
+    timeout = timedelta(minutes=3)  # a hung collective fails in minutes
+    parallel = (
+        DDPStrategy(timeout=timeout, process_group_backend="gloo")
+        if ddp
+        else ModelParallelStrategy(
+            data_parallel_size=data, tensor_parallel_size=latents, timeout=timeout, **strategy
+        )
     )
     return L.Trainer(
         accelerator="cpu",
@@ -135,6 +147,12 @@ def main(out: Path) -> None:
         run = trainer(6, 2, 1, out)
         run.fit(fitted, loader(x[run.global_rank : 6 * BATCH : 2], BATCH))
         save(out, f"fsdp_{architecture}", fitted, run.global_rank)
+        if architecture in DDP_TWINS:
+            fitted = module(architecture, **hparams)
+            run = trainer(6, 2, 1, out, ddp=True)
+            run.fit(fitted, loader(x[run.global_rank : 6 * BATCH : 2], BATCH))
+            if run.global_rank == 0:
+                torch.save(fitted.state_dict(), out / f"ddp_{architecture}.pt")
 
 
 if __name__ == "__main__":
