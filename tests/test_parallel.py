@@ -82,6 +82,25 @@ def test_latent_parallel_matches_one_process(runs: Path, tmp_path: Path, archite
     assert_same_export(tmp_path / "export", runs / f"latent_{architecture}_export")
 
 
+def test_sharded_module_refuses_one_rank_export_and_inference(runs: Path):
+    export, inference = (runs / "refusals.txt").read_text().splitlines()
+    assert export.startswith("ValueError") and "gathered_module" in export
+    assert inference.startswith("RuntimeError") and "gathered_module" in inference
+    assert not (runs / "refused_export").exists()
+
+
+def test_latent_parallel_refuses_other_architectures():
+    from lightning_sae.saes import FastMatryoshkaBatchTopKTrainingSAE
+    from lightning_sae.saes.latent_parallel import latent_parallel_class
+
+    for cls in (
+        FastMatryoshkaBatchTopKTrainingSAE,
+        type(SAEModule(architecture="standard", d_in=4, d_sae=8).sae),
+    ):
+        with pytest.raises(TypeError, match="FSDP2"):
+            latent_parallel_class(cls)
+
+
 def test_latent_parallel_resumes_from_a_sharded_checkpoint(runs: Path, tmp_path: Path):
     """3 steps, a sharded checkpoint, a resumed fit to 6: as one process does the same.
 

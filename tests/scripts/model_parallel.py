@@ -117,6 +117,21 @@ def save(out: Path, run: str, fitted: SAEModule, rank: int) -> None:
         )
 
 
+def record_refusals(out: Path, sharded: SAEModule) -> None:
+    """Write what one rank gets for exporting or running a sharded SAE (``refusals.txt``)."""
+    messages = []
+    for attempt in (
+        lambda: export_to_sae_lens(sharded, out / "refused_export"),
+        lambda: sharded(activations()[:2]),
+    ):
+        try:
+            attempt()
+            messages.append("no error")
+        except (ValueError, RuntimeError) as error:
+            messages.append(f"{type(error).__name__}: {error}")
+    (out / "refusals.txt").write_text("\n".join(messages))
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)  # two ranks share the machine's cores
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -126,6 +141,8 @@ def main(out: Path) -> None:
         fitted = module(architecture, k=K)
         run = trainer(6, 1, 2, out)
         run.fit(fitted, loader(latent_data, BATCH))
+        if run.global_rank == 0:
+            record_refusals(out, fitted)
         save(out, f"latent_{architecture}", fitted, run.global_rank)
 
     fitted = module("topk", k=K)
