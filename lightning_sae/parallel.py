@@ -18,7 +18,7 @@ Both dimensions above 1 at once is refused. Checkpoints are Lightning's: sharded
 default (``save_distributed_checkpoint=True``), one gathered file with ``False``; either resumes
 on the same mesh, and a gathered file also loads in one process
 (``SAEModule.load_from_checkpoint``). :func:`gathered_module` (every rank calls it) returns a
-plain one-process copy to export or evaluate.
+plain one-process copy on rank 0 to export or evaluate.
 """
 
 import functools
@@ -120,20 +120,23 @@ def is_sharded(sae: torch.nn.Module) -> bool:
 
 
 def gathered_module(module: Any) -> Any:
-    """Return a one-process copy of a sharded ``SAEModule`` on the CPU (every rank calls it).
+    """Return a one-process CPU copy of a sharded ``SAEModule`` on global rank 0, else ``None``.
 
-    The copy holds the whole SAE, its activation scale, statistics and metadata, so
-    ``export_to_sae_lens(gathered_module(module), ...)`` on one rank writes the plain sae-lens
-    folder. An unsharded module is returned as it is.
+    A collective: every rank calls it. The parameters are gathered one tensor at a time onto
+    rank 0's CPU, so no device ever holds more than one whole tensor. The copy holds the whole
+    SAE, its activation scale, statistics and metadata:
+    ``export_to_sae_lens(gathered_module(module), ...)`` on rank 0 writes the plain sae-lens
+    folder. An unsharded module is returned as it is (on every rank).
     """
     if not is_sharded(module.unit.sae):
         return module
     state = get_model_state_dict(
-        module, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-    state = {name: _full(tensor).detach().cpu() for name, tensor in state.items()}
+    if not state:  # cpu_offload gathers onto rank 0 only
+        return None
     copy = type(module)(**module.hparams)
-    copy.load_state_dict(state)
+    copy.load_state_dict({name: _full(tensor) for name, tensor in state.items()})
     copy.unit.mark_restored()
     copy.unit.statistics.density_published = module.unit.statistics.density_published
     copy.sae.cfg.metadata = module.sae.cfg.metadata

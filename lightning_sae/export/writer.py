@@ -132,7 +132,7 @@ def export_to_sae_lens(
         raise ValueError(
             "This SAE is sharded over ranks (ModelParallelStrategy: latent-parallel or FSDP2), so "
             "one rank cannot export it. On every rank call "
-            "lightning_sae.parallel.gathered_module(module), then export the result on one rank; "
+            "lightning_sae.parallel.gathered_module(module), then export the result on rank 0; "
             "or export from a gathered checkpoint (save_distributed_checkpoint=False) loaded in "
             "one process."
         )

@@ -157,8 +157,8 @@ class LatentParallelTraining:
         """Refuse: inference needs the whole SAE (gather it first)."""
         raise RuntimeError(
             "This SAE's latents are sharded over ranks (latent-parallel training): encode/decode "
-            "need the whole SAE. Use lightning_sae.parallel.gathered_module(module) on every rank "
-            "first, or load the gathered checkpoint in one process."
+            "need the whole SAE. Call lightning_sae.parallel.gathered_module(module) on every "
+            "rank (rank 0 gets the copy), or load the gathered checkpoint in one process."
         )
 
     decode = encode
