@@ -10,6 +10,7 @@ decodes; FSDP2 averages the ranks' gradients), ≤ 1.5e-8 per gradient step in f
 measured; Adam's normalised steps carry such differences through, hence 1e-5.
 """
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -42,11 +43,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def one_process(architecture: str, tokens: torch.Tensor, batch: int, steps: int, root: Path):
+def one_process(
+    architecture: str, tokens: torch.Tensor, batch: int, steps: int, root: Path, **options
+):
     """The same fit in this process."""
     module = mp.module(architecture, **mp.FSDP_ARCHITECTURES[architecture])
-    mp.trainer(steps, 1, 1, root).fit(module, mp.loader(tokens, batch))
+    mp.trainer(steps, 1, 1, root, **options).fit(module, mp.loader(tokens, batch))
     return module
+
+
+def logged(folder: Path) -> list[dict[str, float]]:
+    """Rows of a CSV log, ``train/tokens_per_sec`` (a timing) left out."""
+    with (folder / "version_0" / "metrics.csv").open() as file:
+        rows = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(file)]
+    return [{k: v for k, v in row.items() if k != "train/tokens_per_sec"} for row in rows]
 
 
 def assert_same_state(expected: dict, actual: dict) -> None:
@@ -68,9 +78,19 @@ def assert_same_export(expected: Path, actual: Path) -> None:
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 def test_latent_parallel_matches_one_process(runs: Path, tmp_path: Path, architecture: str):
-    reference = one_process(architecture, mp.activations()[: 3 * mp.BATCH], mp.BATCH, 6, tmp_path)
+    """Weights, statistics (dead-latent counters, density window), logged metrics and export."""
+    reference = one_process(
+        architecture, mp.activations()[: 3 * mp.BATCH], mp.BATCH, 6, tmp_path, log="log"
+    )
     assert bool(reference.dead_latent_mask.any()), "AuxK never engaged: the test proves less"
     assert_same_state(reference.state_dict(), torch.load(runs / f"latent_{architecture}.pt"))
+    expected, actual = logged(tmp_path / "log"), logged(runs / f"latent_{architecture}_log")
+    assert {"train/l0", "train/explained_variance", "train/dead_latent_rate"} <= set(actual[-1])
+    assert len(expected) == len(actual)
+    for want, got in zip(expected, actual, strict=True):
+        assert want.keys() == got.keys()
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, rel=RTOL, abs=ATOL), name
     from lightning_sae import export_to_sae_lens
 
     export_to_sae_lens(

@@ -4,7 +4,8 @@
 script as rank 1, which then runs the same sequence), on :func:`activations` in order:
 
 1. ``latent_<arch>`` for TopK and BatchTopK: latent-parallel (``tensor_parallel_size=2``),
-   6 steps of 32 tokens (both ranks the same batches), AuxK active from step 2;
+   6 steps of 32 tokens (both ranks the same batches), AuxK active from step 2, the logged
+   metrics in ``latent_<arch>_log/version_0/metrics.csv``;
 2. ``half_topk`` (3 steps, a sharded checkpoint) and ``resumed_topk`` (on to 6 steps from it);
 3. ``gathered_topk``: 3 steps saving a gathered checkpoint (one file);
 4. ``fsdp_<arch>`` for every architecture: FSDP2 (``data_parallel_size=2``), 6 steps of 32
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -66,11 +68,18 @@ def module(architecture: str, **hparams) -> SAEModule:
 
 
 def trainer(
-    steps: int, data: int, latents: int, root: Path, ddp: bool = False, **strategy
+    steps: int,
+    data: int,
+    latents: int,
+    root: Path,
+    ddp: bool = False,
+    log: str | None = None,
+    **strategy,
 ) -> L.Trainer:
     """A CPU Trainer on ``ModelParallelStrategy`` (or one process when ``data * latents == 1``).
 
-    With ``ddp``, Lightning's ``DDPStrategy`` on ``data`` processes instead.
+    With ``ddp``, Lightning's ``DDPStrategy`` on ``data`` processes instead; with ``log``, a CSV
+    log of the metrics in ``root/<log>/``.
     """
     timeout = timedelta(minutes=3)  # a hung collective fails in minutes
     parallel = (
@@ -85,7 +94,7 @@ def trainer(
         devices=data * latents,
         strategy=parallel if data * latents > 1 else "auto",
         max_steps=steps,
-        logger=False,
+        logger=CSVLogger(root, name=log, version=0) if log else False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -139,7 +148,7 @@ def main(out: Path) -> None:
     latent_data = x[: 3 * BATCH]  # 3 batches per epoch, 2 epochs
     for architecture in ("topk", "batchtopk"):
         fitted = module(architecture, k=K)
-        run = trainer(6, 1, 2, out)
+        run = trainer(6, 1, 2, out, log=f"latent_{architecture}_log")
         run.fit(fitted, loader(latent_data, BATCH))
         if run.global_rank == 0:
             record_refusals(out, fitted)
