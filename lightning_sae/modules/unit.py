@@ -13,6 +13,7 @@ import torch
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.util import dtype_to_str
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torchmetrics import MetricCollection
 
 from lightning_sae.distributed import all_reduce_mean, all_reduce_min, broadcast_from_first
@@ -241,7 +242,10 @@ class SAEUnit(nn.Module):
         if not weights:
             return
         # A sharded SAE (latent-parallel, FSDP2) holds DTensors: each rank checks its own part.
-        state = {name: getattr(t, "_local_tensor", t) for name, t in self.sae.state_dict().items()}
+        state = {
+            name: t.to_local() if isinstance(t, DTensor) else t
+            for name, t in self.sae.state_dict().items()
+        }
         bad = [name for name, t in state.items() if not torch.isfinite(t).all()]
         if bad or not torch.isfinite(self.normalizer.scale):
             raise FloatingPointError(
