@@ -36,3 +36,10 @@ def all_reduce_min(tensor: Tensor) -> Tensor:
     out = tensor.clone()
     dist.all_reduce(out, op=dist.ReduceOp.MIN)
     return out
+
+
+def broadcast_from_first(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``tensor`` of the first rank of ``group``, on every rank of it (a new tensor)."""
+    out = tensor.contiguous().clone()
+    dist.broadcast(out, group=group, group_src=0)
+    return out

@@ -22,8 +22,11 @@ from sae_lens import SAE
 from lightning_sae.cli import main
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
-#: One example per architecture (examples/<architecture>.yaml), besides multi_hook.yaml.
-CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if p.stem != "multi_hook")
+#: Examples of other set-ups, tested in their own files (multi-hook here, latent-parallel in
+#: tests/test_parallel.py).
+SET_UPS = ("multi_hook", "topk_latent_parallel")
+#: One example per architecture (examples/<architecture>.yaml), besides the set-ups.
+CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if p.stem not in SET_UPS)
 #: The inference architecture each example's export loads as in plain sae-lens.
 EXPORTED_AS = {
     "standard": "standard",
@@ -64,7 +67,7 @@ def _offline_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_every_architecture_has_an_example():
     assert {path.stem for path in CONFIGS} == set(EXPORTED_AS)
-    assert {path.stem for path in EXAMPLES.glob("*.yaml")} == {*EXPORTED_AS, "multi_hook"}
+    assert {path.stem for path in EXAMPLES.glob("*.yaml")} == {*EXPORTED_AS, *SET_UPS}
 
 
 def test_console_script_points_at_main():

@@ -39,6 +39,7 @@ from lightning_sae.export.calibration import calibrate_batchtopk_threshold
 from lightning_sae.io import atomic_folder
 from lightning_sae.metrics import log10_feature_density
 from lightning_sae.modules import MultiSAEModule, SAEModule, SAEUnit
+from lightning_sae.parallel import is_sharded
 
 #: Metadata names a user (or a DataModule's ``sae_metadata()``) may set. sae-lens's
 #: ``SAEMetadata`` answers ``None`` for any other name, so a typo would be lost silently.
@@ -127,6 +128,14 @@ def export_to_sae_lens(
     """
     path = Path(path)
     unit, hook_name = _unit(module, hook_name)
+    if is_sharded(unit.sae):
+        raise ValueError(
+            "This SAE is sharded over ranks (ModelParallelStrategy: latent-parallel or FSDP2), so "
+            "one rank cannot export it. On every rank call "
+            "lightning_sae.parallel.gathered_module(module), then export the result on rank 0; "
+            "or export from a gathered checkpoint (save_distributed_checkpoint=False) loaded in "
+            "one process."
+        )
     data = data if data is not None else attached_data(module)
     _check_target(path, overwrite)
     unit.raise_if_not_finite()

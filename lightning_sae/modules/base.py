@@ -329,6 +329,16 @@ class SAEModule(_ArchitectureDispatch):
         if density is not None:
             log_density_histogram(self, "train/feature_density_log10", density)
 
+    def configure_model(self) -> None:
+        """Shard the SAE as ``ModelParallelStrategy``'s mesh asks (:mod:`lightning_sae.parallel`).
+
+        A no-op under every other strategy.
+        """
+        if self._device_mesh is not None:
+            from lightning_sae.parallel import parallelize  # torch.distributed's APIs: lazily
+
+            parallelize(self, self._device_mesh)
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam with a per-step warm-up / constant-or-cosine / linear-decay schedule."""

@@ -73,6 +73,9 @@ class TrainingStatistics(nn.Module):
             prefix="train/",
         )
         self.l0 = L0()
+        #: Ranks that see the same batch (latent-parallel: the latent group's size); counts summed
+        #: over ranks are divided by it. The reconstruction metrics are ratios of sums, unchanged.
+        self.replicas = 1
         self.density_published = False
         self._last_logged_step = -1
         self._last_log_time: float | None = None
@@ -90,12 +93,14 @@ class TrainingStatistics(nn.Module):
         ``feature_acts`` may be dense or a sparse CSR tensor. Every rank calls this every step.
         """
         local = active_counts(feature_acts)
-        counts = all_reduce_sum(local)  # [d_sae + 1]: per-latent firings, then tokens
+        replicas = self.replicas
+        # [d_sae + 1]: per-latent firings, then tokens
+        counts = all_reduce_sum(local) // replicas if world_size() > replicas else local
         self.tokens_since_fired.add_(counts[-1]).masked_fill_(counts[:-1] > 0, 0)
         self.window.update(active_counts=counts)
         self.l0.update(active_counts=local)
         self.reconstruction.update(sae_in, sae_out)
-        self._tokens_since_log += sae_in.shape[0] * world_size()
+        self._tokens_since_log += sae_in.shape[0] * world_size() // replicas
 
     def values_to_log(self, step: int, log_every_n_steps: int) -> dict[str, Tensor]:
         """Metrics of the steps since the last logging step, on logging steps (else ``{}``).

@@ -13,9 +13,10 @@ import torch
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.util import dtype_to_str
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torchmetrics import MetricCollection
 
-from lightning_sae.distributed import all_reduce_mean, all_reduce_min
+from lightning_sae.distributed import all_reduce_mean, all_reduce_min, broadcast_from_first
 from lightning_sae.modules.normalizer import ActivationNormalizer
 from lightning_sae.modules.statistics import TrainingStatistics, keep_metrics_float64
 from lightning_sae.optim import LRSchedule, LRSchedulerName, warm_up_coefficient
@@ -90,6 +91,9 @@ class SAEUnit(nn.Module):
         self._full_precision |= {"statistics.feature_density": torch.float64}
         #: False until the first training batch of a fresh fit (or a restore) initialised the SAE.
         self.initialized = False
+        #: Ranks that must train on the same batch (latent-parallel: each holds some latents);
+        #: they take the first one's batch every step. ``None``: every rank its own batch.
+        self.batch_group: torch.distributed.ProcessGroup | None = None
         #: Names this SAE in error messages (a MultiSAEModule adds its hook).
         self.label = "The SAE"
         #: First global step whose [batch, loss] held NaN/inf (``NOT_SEEN`` if none). Written on
@@ -159,6 +163,8 @@ class SAEUnit(nn.Module):
         inf batch or loss is recorded on the device and raises on the next logging step (checked
         over all ranks), so no step waits on the host for it.
         """
+        if self.batch_group is not None:
+            x = broadcast_from_first(x, self.batch_group)
         if not self.initialized:
             if self.normalizer.pending:
                 self.normalizer.estimate(x)
@@ -235,7 +241,12 @@ class SAEUnit(nn.Module):
             )
         if not weights:
             return
-        bad = [name for name, t in self.sae.state_dict().items() if not torch.isfinite(t).all()]
+        # A sharded SAE (latent-parallel, FSDP2) holds DTensors: each rank checks its own part.
+        state = {
+            name: t.to_local() if isinstance(t, DTensor) else t
+            for name, t in self.sae.state_dict().items()
+        }
+        bad = [name for name, t in state.items() if not torch.isfinite(t).all()]
         if bad or not torch.isfinite(self.normalizer.scale):
             raise FloatingPointError(
                 f"{self.label} holds NaN or inf values ({bad or ['activation_scale']}): training "
