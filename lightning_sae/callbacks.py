@@ -19,10 +19,11 @@ from torch import Tensor
 from lightning_sae.data.protocol import ExportData
 from lightning_sae.errors import ConfigurationError
 from lightning_sae.export import DEFAULT_CALIBRATION_TOKENS, export_to_sae_lens
-from lightning_sae.export.writer import check_calibration
+from lightning_sae.export.writer import attached_data, check_calibration
 from lightning_sae.io import OLD_MARKER, TEMP_MARKER, remove_stale_temporaries
 from lightning_sae.modules import MultiSAEModule, SAEModule
 from lightning_sae.modules.validation import check_positive_ints
+from lightning_sae.parallel import gathered_module
 
 #: Names of the export folders ``SAELensExport`` writes (and may delete past ``keep_last_n``).
 STEP_FOLDER = re.compile(r"step-(\d{6,})")
@@ -201,6 +202,9 @@ class SAELensExport(PeriodicCallback):
         """
         step = trainer.global_step
         self.mark_ran(step)
+        data = attached_data(pl_module)
+        # A latent-parallel or FSDP2 SAE is gathered first (a collective: every rank takes part).
+        module = gathered_module(pl_module) if isinstance(pl_module, SAEModule) else pl_module
         if not trainer.is_global_zero:
             return None
         assert self.dirpath is not None  # set in setup()
@@ -208,9 +212,10 @@ class SAELensExport(PeriodicCallback):
         hooks = pl_module.hook_names if isinstance(pl_module, MultiSAEModule) else [None]
         for hook in hooks:
             export_to_sae_lens(
-                pl_module,  # type: ignore[arg-type]  # checked in setup()
+                module,
                 path if hook is None else path / hook,
                 self.metadata,
+                data=data,
                 hook_name=hook,
                 calibration_activations=self._calibration_for(hook),
                 calibration_tokens=self.calibration_tokens,

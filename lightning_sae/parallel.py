@@ -135,7 +135,8 @@ def gathered_module(module: Any) -> Any:
     )
     if not state:  # cpu_offload gathers onto rank 0 only
         return None
-    copy = type(module)(**module.hparams)
+    # LightningCLI adds ``_class_path``/``_instantiator`` to the hyper-parameters: not arguments.
+    copy = type(module)(**{k: v for k, v in module.hparams.items() if not k.startswith("_")})
     copy.load_state_dict({name: _full(tensor) for name, tensor in state.items()})
     copy.unit.mark_restored()
     copy.unit.statistics.density_published = module.unit.statistics.density_published

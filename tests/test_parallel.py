@@ -202,9 +202,9 @@ CONTEXT, N_DOCUMENTS = 16, 16
 def example_overrides(root: Path, documents: list[list[int]], devices: int) -> dict:
     """Shrink the example (4 steps, 64 latents) and train on a tiny transformer-lens model.
 
-    One document (``CONTEXT`` tokens) per step: with 2 devices every rank trains on rank 0's
-    stream, documents 0, 2, 4, … (the DataModule shards documents by global rank), so the
-    one-process run reads exactly those documents.
+    One document (``CONTEXT`` tokens) per step: with 2 latent-parallel devices both ranks read
+    the same stream (the DataModule shards by the strategy's data-parallel rank), so the
+    one-process run reads the same documents.
     """
     tiny_lm = {
         "class_path": "transformer_lens.HookedTransformer",
@@ -283,7 +283,7 @@ def test_example_config_trains_on_two_devices_like_one_process(tmp_path: Path):
     export_to_sae_lens(SAEModule.load_from_checkpoint(last), tmp_path / "two_sae", metadata)
 
     one = tmp_path / "one"
-    (tmp_path / "one.yaml").write_text(yaml.safe_dump(example_overrides(one, documents[::2], 1)))
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(example_overrides(one, documents, 1)))
     cli = SAECLI(
         args=[
             "fit",
@@ -295,3 +295,5 @@ def test_example_config_trains_on_two_devices_like_one_process(tmp_path: Path):
     )
     export_to_sae_lens(cli.model, tmp_path / "one_sae", metadata)
     assert_same_export(tmp_path / "one_sae", tmp_path / "two_sae")
+    # SAELensExport gathered the sharded SAE onto rank 0 during the 2-device run.
+    assert_same_export(tmp_path / "one_sae", two / "sae_lens" / "latest")

@@ -303,8 +303,10 @@ class ActivationDataModule(LightningDataModule):
         if self.trainer is not None:
             if stage == "fit":
                 _check_run_ends(self.trainer)
-            self._rank = self.trainer.global_rank
-            self._world_size = self.trainer.world_size
+            # The strategy's data-parallel rank: latent-parallel ranks share one stream.
+            sampler = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+            self._rank = sampler.get("rank", self.trainer.global_rank)
+            self._world_size = sampler.get("num_replicas", self.trainer.world_size)
             device = self.trainer.strategy.root_device
         if isinstance(self.source, LiveSource):
             self.source.build(device)
