@@ -282,6 +282,9 @@ def test_object_store_on_a_loopback_server(live, store, s3, tmp_path):
     assert live.write_cache(url, 2000, 300, storage_options=s3, **STORE) == url
     options = {"storage_options": s3, "cache_dir": str(tmp_path / "chunks")}
     remote = ActivationDataModule(cache_dir=url, batch_size=100, cache_options=options)
+    # The keys reach neither checkpoints (hparams) nor loggers (hparams_initial).
+    for saved in (remote.hparams, remote.hparams_initial):
+        assert saved["cache_options"] == {"cache_dir": str(tmp_path / "chunks")}
     local = ActivationDataModule(cache_dir=store, batch_size=100)
     assert remote.source.store.manifest == local.source.store.manifest
     pairs = zip(iter(remote.train_dataloader()), iter(local.train_dataloader()), strict=False)
