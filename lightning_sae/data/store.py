@@ -314,8 +314,31 @@ def stored_input_tokens(
 
 
 def _stored_input_tokens(location: _Location) -> int:
-    manifest = _load_json(location, MANIFEST) or {}
-    return manifest.get("input_tokens", manifest.get("n_tokens", 0))
+    complete = _complete_store(location)
+    return 0 if complete is None else complete["input_tokens"]
+
+
+def _complete_store(location: _Location) -> dict[str, Any] | None:
+    """The complete store at ``location`` as a write's base: chunks, tokens, held-out part.
+
+    ``None`` when there is none. An interrupted append recorded the store it started from; its
+    manifest may already count chunks the index does not list, so discarding the append
+    (``resume=False``) starts again from that record, not from the manifest.
+    """
+    progress = _load_json(location, PROGRESS)
+    if progress is not None:
+        return progress["base"] if progress["request"]["append"] else None
+    manifest = _load_json(location, MANIFEST)
+    if manifest is None:
+        return None
+    _check_manifest(manifest, location)
+    index = _load_json(location, INDEX) or {}
+    return {
+        "chunks": index.get("chunks", []),
+        "n_tokens": manifest["n_tokens"],
+        "input_tokens": manifest.get("input_tokens", manifest["n_tokens"]),
+        "holdout": manifest["holdout"],
+    }
 
 
 def _jsonable(value: Any) -> Any:
@@ -405,19 +428,17 @@ def _start_write(
         "items_per_chunk": items_per_chunk,
         "buffer_tokens": -(-request["shuffle_buffer_tokens"] // chunk_tokens) * chunk_tokens,
     }
-    manifest = _load_json(location, MANIFEST)
+    complete = _complete_store(location)
     base: dict[str, Any] = {"chunks": [], "n_tokens": 0, "input_tokens": 0, "holdout": None}
     if request["append"]:
-        if manifest is None:
+        if complete is None:
             raise FileNotFoundError(f"append=True but {location} holds no complete store.")
         if holdout is not None:
             raise ValueError("append=True keeps the store's held-out part: pass holdout=None.")
+        manifest = _load_json(location, MANIFEST)
         _check_append(location, manifest, request["metadata"], settings)
-        index = _load_json(location, INDEX)
-        assert index is not None
-        base = {k: manifest[k] for k in ("n_tokens", "holdout")} | {"chunks": index["chunks"]}
-        base["input_tokens"] = _stored_input_tokens(location)
-    elif manifest is not None:
+        base = complete
+    elif complete is not None:
         raise FileExistsError(
             f"{location} already holds an activation store: pass append=True to add to it, or "
             "write to another path."

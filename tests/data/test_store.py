@@ -166,6 +166,38 @@ def test_append_adds_chunks_and_refuses_mismatches(store_path, tmp_path):
         write_store(tmp_path / "other", source(320), None, METADATA)
 
 
+def test_an_append_killed_before_its_index_and_discarded_restarts_from_the_store(
+    store_path, monkeypatch
+):
+    """Killed between the manifest and the index, then ``resume=False``: the store as it was."""
+    from lightning_sae.data.store import _Location
+
+    write_text = _Location.write_text
+
+    def killed_at_the_index(self, file: str, text: str) -> None:
+        if file == INDEX:
+            raise KeyboardInterrupt
+        write_text(self, file, text)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_Location, "write_text", killed_at_the_index)
+        with pytest.raises(KeyboardInterrupt):
+            write_store(store_path, source(320, first=960), None, METADATA, append=True, **SMALL)
+    assert json.loads((store_path / MANIFEST).read_text())["n_tokens"] == 1280  # index: 960
+    starts = []
+
+    def from_token(start: int) -> list[dict[str, torch.Tensor]]:
+        starts.append(start)
+        return source(1280 - start, first=start)
+
+    write_store(store_path, from_token, None, METADATA, resume=False, append=True, **SMALL)
+    store = ActivationStore(store_path)
+    assert starts == [960] and store.n_tokens == 1280
+    batches = islice(iter(store.train_dataloader(batch_size=80, seed=0)), 16)  # one epoch
+    ids = torch.cat([b[HOOKS[0]] for b in batches])[:, 0].long()
+    assert torch.equal(ids.sort().values, torch.arange(1280))
+
+
 def _stopping(chunks, at: int):
     """The chunks, interrupted (as by Ctrl-C) when chunk ``at`` is asked for."""
     for index, chunk in enumerate(chunks):
