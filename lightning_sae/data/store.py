@@ -319,7 +319,7 @@ def _stored_input_tokens(location: _Location) -> int:
 
 
 def _complete_store(location: _Location) -> dict[str, Any] | None:
-    """The complete store at ``location`` as a write's base: chunks, tokens, held-out part.
+    """Return the complete store at ``location`` as a write's base (chunks, tokens, held-out).
 
     ``None`` when there is none. An interrupted append recorded the store it started from; its
     manifest may already count chunks the index does not list, so discarding the append
