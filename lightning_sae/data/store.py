@@ -895,7 +895,7 @@ class _StoreStream:
         start = copy.deepcopy(self.store._start)
         loader = self.store._loader(self.items, self.seed, self.shuffle, self.num_workers)
         if start["litdata"] is not None:
-            loader.load_state_dict(copy.deepcopy(start["litdata"]))
+            loader.load_state_dict(_pointed_here(start["litdata"], loader.dataset))
         size = self.batch_size
         self.yielded = start["batches"]
         pos = self.yielded * size - start["skip_tokens"]
@@ -928,6 +928,22 @@ class _StoreStream:
                     yield out
             if empty:
                 raise RuntimeError("The store's loader yielded no batch in an epoch.")
+
+
+def _pointed_here(state: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    """Return litdata's loader ``state`` with the paths of the store as it is opened now.
+
+    litdata refuses a state whose folder, URL or chunk cache differ from the dataset's; a store
+    copied to another folder or node, or read through another local chunk cache, holds the same
+    items, so the run resumes at the same position (the store's token count is checked apart).
+    """
+    state = copy.deepcopy(state)
+    state["dataset"].update(
+        input_dir_path=dataset.input_dir.path,
+        input_dir_url=dataset.input_dir.url,
+        cache_dir_path=dataset.cache_dir.path,
+    )
+    return state
 
 
 def _readable(loader: Any, location: _Location) -> Iterator[dict[str, Tensor]]:

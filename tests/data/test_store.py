@@ -8,6 +8,7 @@ says which tokens it holds: coverage and order are checked by exact equality, no
 import json
 import pickle
 import runpy
+import shutil
 import subprocess
 import sys
 from itertools import islice
@@ -104,7 +105,8 @@ def test_round_trip_exact_batches_every_token_once_per_epoch(store_path):
         store.sample_activations(65)
 
 
-def test_resume_from_state_dict_is_bit_exact(store_path):
+def test_resume_from_state_dict_is_bit_exact(store_path, tmp_path):
+    moved = shutil.copytree(store_path, tmp_path / "moved")  # copied to another folder or node
     store = ActivationStore(store_path, hook_names=[HOOKS[1]])
     stream = iter(store.train_dataloader(batch_size=40, seed=3))
     straight, states = [], {}
@@ -113,8 +115,8 @@ def test_resume_from_state_dict_is_bit_exact(store_path):
         if n - 1 in (0, 7, 23, 25):  # as in Lightning: one batch prefetched past the checkpoint
             states[n - 1] = store.state_dict(batches_consumed=n - 1)
     assert set(straight[0]) == {HOOKS[1]}
-    for n, state in states.items():
-        resumed = ActivationStore(store_path, hook_names=[HOOKS[1]])
+    for (n, state), where in zip(states.items(), [store_path, moved] * 2, strict=True):
+        resumed = ActivationStore(where, hook_names=[HOOKS[1]])
         resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint's trip
         again = list(islice(iter(resumed.train_dataloader(batch_size=40, seed=3)), 40 - n))
         assert all(
