@@ -736,6 +736,7 @@ class ActivationStore:
         self._start: dict[str, Any] = {"litdata": None, "skip_tokens": 0, "batches": 0}
         self._layout: dict[str, Any] | None = None
         self._saved: dict[str, Any] | None = None  # layout of a loaded state, checked on use
+        self._relayout = False  # the loaded state's layout differs from the loader's
         self._stream: _StoreStream | None = None
 
     @property
@@ -771,7 +772,11 @@ class ActivationStore:
             "shuffle": shuffle,
         }
         now = {"layout": self._layout, "n_tokens": self.n_tokens}
-        if self._saved is not None and self._saved["layout"] is not None and self._saved != now:
+        # litdata refuses a state of another seed or shuffle unless told to override it.
+        self._relayout = (
+            self._saved is not None and self._saved["layout"] is not None and self._saved != now
+        )
+        if self._relayout:
             warnings.warn(
                 f"Resuming the activation store with another layout: {self._saved} (saved) vs "
                 f"{now} (now). Training continues after the same number of tokens, but not in "
@@ -790,6 +795,7 @@ class ActivationStore:
             drop_last=True,
             seed=seed,
             storage_options=self.location.storage_options,
+            force_override_state_dict=self._relayout,
         )
         return litdata.StreamingDataLoader(dataset, batch_size=items, num_workers=num_workers)
 
@@ -903,6 +909,9 @@ class _StoreStream:
         skip = start["skip_tokens"]
         parts: list[dict[str, Tensor]] = []
         held = 0
+        # A resumed epoch may have nothing left (litdata's elastic resume after another batch
+        # size or worker count, near the epoch's end); a fresh one must yield.
+        resumed = start["litdata"] is not None
         while True:
             empty = True
             for batch in _readable(loader, self.store.location):
@@ -926,8 +935,9 @@ class _StoreStream:
                     while len(self.records) > 1 and self.records[1][0] <= keep_from:
                         self.records.popleft()
                     yield out
-            if empty:
+            if empty and not resumed:
                 raise RuntimeError("The store's loader yielded no batch in an epoch.")
+            resumed = False
 
 
 def _pointed_here(state: dict[str, Any], dataset: Any) -> dict[str, Any]:

@@ -122,8 +122,14 @@ def test_resume_from_state_dict_is_bit_exact(store_path, tmp_path):
         assert all(
             torch.equal(a[HOOKS[1]], b[HOOKS[1]]) for a, b in zip(again, straight[n:], strict=True)
         )
-    with pytest.warns(UserWarning, match="another layout"):
-        resumed.train_dataloader(batch_size=20, seed=3)
+    # Another layout warns, then continues past the epoch's end (litdata itself refuses another
+    # seed or shuffle, and its elastic resume may leave nothing of the resumed epoch).
+    for other in ({"batch_size": 20}, {"seed": 4}, {"shuffle": False}, {"num_workers": 2}):
+        layout = {"batch_size": 40, "seed": 3, **other}
+        with pytest.warns(UserWarning, match="another layout"):
+            batches = resumed.train_dataloader(**layout)
+        read = list(islice(iter(batches), 960 // layout["batch_size"] + 1))
+        assert all(b[HOOKS[1]].shape == (layout["batch_size"], 4) for b in read)
 
 
 def test_bfloat16_is_stored_as_its_int16_bits(tmp_path):
