@@ -331,13 +331,13 @@ def _complete_store(location: _Location) -> dict[str, Any] | None:
     manifest = _load_json(location, MANIFEST)
     if manifest is None:
         return None
-    _check_manifest(manifest, location)
     index = _load_json(location, INDEX) or {}
+    n_tokens = manifest.get("n_tokens", 0)  # an append checks the manifest (_check_append)
     return {
         "chunks": index.get("chunks", []),
-        "n_tokens": manifest["n_tokens"],
-        "input_tokens": manifest.get("input_tokens", manifest["n_tokens"]),
-        "holdout": manifest["holdout"],
+        "n_tokens": n_tokens,
+        "input_tokens": manifest.get("input_tokens", n_tokens),
+        "holdout": manifest.get("holdout"),
     }
 
 
