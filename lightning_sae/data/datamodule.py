@@ -153,9 +153,9 @@ class ActivationDataModule(LightningDataModule):
             store written by :meth:`write_cache` (a folder, or an ``s3://``/``gs://``/``r2://``
             URL), or a folder written by sae-lens's ``CacheActivationsRunner``.
         cache_options: Options of ``cache_dir``: ``storage_options`` (object-store endpoint and
-            keys) and ``cache_dir`` (local folder for a remote store's chunks); for a sae-lens
-            folder ``metadata`` (what it does not record: ``model_name``...) and
-            ``holdout_tokens``.
+            keys; left out of the saved hyper-parameters, so of checkpoints and loggers) and
+            ``cache_dir`` (local folder for a remote store's chunks); for a sae-lens folder
+            ``metadata`` (what it does not record: ``model_name``...) and ``holdout_tokens``.
         trust_remote_code: Allow a Hugging Face model's own code; off unless asked for.
         val_tokens: Held-out activations (tokens) per validation or test run. Every rank evaluates
             all of them (no sharding: a rank without a batch would stall the metric sync).
@@ -192,6 +192,10 @@ class ActivationDataModule(LightningDataModule):
         # A str, not a Path: checkpoints hold the hyper-parameters, and torch's safe loader
         # (weights_only=True, the default) refuses a pathlib object, so a run could not resume.
         cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        # Object-store keys reach neither checkpoints nor loggers: the saved hyper-parameters
+        # keep the other options (save_hyperparameters reads these local names).
+        options = dict(cache_options or {})
+        cache_options = {k: v for k, v in options.items() if k != "storage_options"} or None
         # "seed" is the SAE module's name too: Lightning refuses to log two different values.
         self.save_hyperparameters(ignore=["model", "dataset", "tokenizer", "seed"])
         for name in (
@@ -217,13 +221,13 @@ class ActivationDataModule(LightningDataModule):
         if cache_dir is not None:
             if dataset is not None:
                 raise ValueError("Pass either dataset (run the model) or cache_dir, not both.")
-            self.source = StoredSource(cache_dir, hooks, dict(cache_options or {}))
+            self.source = StoredSource(cache_dir, hooks, options)
             if model is not None:
                 self.source.check(
                     LiveSource.model_name_of(model, self.source.hook_names, tokenizer)
                 )
             return
-        if cache_options:
+        if options:
             raise ValueError("cache_options apply to cache_dir: pass cache_dir too, or drop them.")
         if model is None or dataset is None:
             raise ValueError("Pass model= and dataset= (or cache_dir= to train from a cache).")

@@ -314,8 +314,31 @@ def stored_input_tokens(
 
 
 def _stored_input_tokens(location: _Location) -> int:
-    manifest = _load_json(location, MANIFEST) or {}
-    return manifest.get("input_tokens", manifest.get("n_tokens", 0))
+    complete = _complete_store(location)
+    return 0 if complete is None else complete["input_tokens"]
+
+
+def _complete_store(location: _Location) -> dict[str, Any] | None:
+    """Return the complete store at ``location`` as a write's base (chunks, tokens, held-out).
+
+    ``None`` when there is none. An interrupted append recorded the store it started from; its
+    manifest may already count chunks the index does not list, so discarding the append
+    (``resume=False``) starts again from that record, not from the manifest.
+    """
+    progress = _load_json(location, PROGRESS)
+    if progress is not None:
+        return progress["base"] if progress["request"]["append"] else None
+    manifest = _load_json(location, MANIFEST)
+    if manifest is None:
+        return None
+    index = _load_json(location, INDEX) or {}
+    n_tokens = manifest.get("n_tokens", 0)  # an append checks the manifest (_check_append)
+    return {
+        "chunks": index.get("chunks", []),
+        "n_tokens": n_tokens,
+        "input_tokens": manifest.get("input_tokens", n_tokens),
+        "holdout": manifest.get("holdout"),
+    }
 
 
 def _jsonable(value: Any) -> Any:
@@ -405,19 +428,17 @@ def _start_write(
         "items_per_chunk": items_per_chunk,
         "buffer_tokens": -(-request["shuffle_buffer_tokens"] // chunk_tokens) * chunk_tokens,
     }
-    manifest = _load_json(location, MANIFEST)
+    complete = _complete_store(location)
     base: dict[str, Any] = {"chunks": [], "n_tokens": 0, "input_tokens": 0, "holdout": None}
     if request["append"]:
-        if manifest is None:
+        if complete is None:
             raise FileNotFoundError(f"append=True but {location} holds no complete store.")
         if holdout is not None:
             raise ValueError("append=True keeps the store's held-out part: pass holdout=None.")
+        manifest = _load_json(location, MANIFEST)
         _check_append(location, manifest, request["metadata"], settings)
-        index = _load_json(location, INDEX)
-        assert index is not None
-        base = {k: manifest[k] for k in ("n_tokens", "holdout")} | {"chunks": index["chunks"]}
-        base["input_tokens"] = _stored_input_tokens(location)
-    elif manifest is not None:
+        base = complete
+    elif complete is not None:
         raise FileExistsError(
             f"{location} already holds an activation store: pass append=True to add to it, or "
             "write to another path."
@@ -715,6 +736,7 @@ class ActivationStore:
         self._start: dict[str, Any] = {"litdata": None, "skip_tokens": 0, "batches": 0}
         self._layout: dict[str, Any] | None = None
         self._saved: dict[str, Any] | None = None  # layout of a loaded state, checked on use
+        self._relayout = False  # the loaded state's layout differs from the loader's
         self._stream: _StoreStream | None = None
 
     @property
@@ -750,7 +772,11 @@ class ActivationStore:
             "shuffle": shuffle,
         }
         now = {"layout": self._layout, "n_tokens": self.n_tokens}
-        if self._saved is not None and self._saved["layout"] is not None and self._saved != now:
+        # litdata refuses a state of another seed or shuffle unless told to override it.
+        self._relayout = (
+            self._saved is not None and self._saved["layout"] is not None and self._saved != now
+        )
+        if self._relayout:
             warnings.warn(
                 f"Resuming the activation store with another layout: {self._saved} (saved) vs "
                 f"{now} (now). Training continues after the same number of tokens, but not in "
@@ -769,6 +795,7 @@ class ActivationStore:
             drop_last=True,
             seed=seed,
             storage_options=self.location.storage_options,
+            force_override_state_dict=self._relayout,
         )
         return litdata.StreamingDataLoader(dataset, batch_size=items, num_workers=num_workers)
 
@@ -874,7 +901,7 @@ class _StoreStream:
         start = copy.deepcopy(self.store._start)
         loader = self.store._loader(self.items, self.seed, self.shuffle, self.num_workers)
         if start["litdata"] is not None:
-            loader.load_state_dict(copy.deepcopy(start["litdata"]))
+            loader.load_state_dict(_pointed_here(start["litdata"], loader.dataset))
         size = self.batch_size
         self.yielded = start["batches"]
         pos = self.yielded * size - start["skip_tokens"]
@@ -882,6 +909,9 @@ class _StoreStream:
         skip = start["skip_tokens"]
         parts: list[dict[str, Tensor]] = []
         held = 0
+        # A resumed epoch may have nothing left (litdata's elastic resume after another batch
+        # size or worker count, near the epoch's end); a fresh one must yield.
+        resumed = start["litdata"] is not None
         while True:
             empty = True
             for batch in _readable(loader, self.store.location):
@@ -905,8 +935,25 @@ class _StoreStream:
                     while len(self.records) > 1 and self.records[1][0] <= keep_from:
                         self.records.popleft()
                     yield out
-            if empty:
+            if empty and not resumed:
                 raise RuntimeError("The store's loader yielded no batch in an epoch.")
+            resumed = False
+
+
+def _pointed_here(state: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    """Return litdata's loader ``state`` with the paths of the store as it is opened now.
+
+    litdata refuses a state whose folder, URL or chunk cache differ from the dataset's; a store
+    copied to another folder or node, or read through another local chunk cache, holds the same
+    items, so the run resumes at the same position (the store's token count is checked apart).
+    """
+    state = copy.deepcopy(state)
+    state["dataset"].update(
+        input_dir_path=dataset.input_dir.path,
+        input_dir_url=dataset.input_dir.url,
+        cache_dir_path=dataset.cache_dir.path,
+    )
+    return state
 
 
 def _readable(loader: Any, location: _Location) -> Iterator[dict[str, Tensor]]:

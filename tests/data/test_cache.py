@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_sae import ActivationDataModule, TopKSAE, export_to_sae_lens
 from lightning_sae.cli import main as cli
 from lightning_sae.data import cache as old_cache
-from lightning_sae.data.store import INDEX, MANIFEST, PROGRESS
+from lightning_sae.data.store import INDEX, MANIFEST, PROGRESS, _Location
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]
 SCRIPTS = Path(__file__).parents[1] / "scripts"
@@ -170,7 +170,20 @@ def test_a_damaged_store_is_an_error_naming_the_file_and_the_fix(store, damage, 
     assert "rewrite" in str(raised.value) or "write_cache(path, n_tokens)" in str(raised.value)
 
 
-def test_append_continues_the_stream(live, store):
+@pytest.mark.parametrize("killed", [False, True], ids=["whole", "killed-before-the-index"])
+def test_append_continues_the_stream(live, store, killed, monkeypatch):
+    if killed:  # the manifest already counts the append, the index does not: resume it
+        write_text = _Location.write_text
+
+        def killed_at_the_index(self, file: str, text: str) -> None:
+            if file == INDEX:
+                raise KeyboardInterrupt
+            write_text(self, file, text)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(_Location, "write_text", killed_at_the_index)
+            with pytest.raises(KeyboardInterrupt):
+                live.write_cache(store, n_tokens=1000, append=True, **STORE)
     live.write_cache(store, n_tokens=1000, append=True, **STORE)
     stream = list(islice(live._batches(0), 24))
     acts = {h: torch.cat([b[h] for b in stream])[:3000] for h in HOOKS}
@@ -282,6 +295,9 @@ def test_object_store_on_a_loopback_server(live, store, s3, tmp_path):
     assert live.write_cache(url, 2000, 300, storage_options=s3, **STORE) == url
     options = {"storage_options": s3, "cache_dir": str(tmp_path / "chunks")}
     remote = ActivationDataModule(cache_dir=url, batch_size=100, cache_options=options)
+    # The keys reach neither checkpoints (hparams) nor loggers (hparams_initial).
+    for saved in (remote.hparams, remote.hparams_initial):
+        assert saved["cache_options"] == {"cache_dir": str(tmp_path / "chunks")}
     local = ActivationDataModule(cache_dir=store, batch_size=100)
     assert remote.source.store.manifest == local.source.store.manifest
     pairs = zip(iter(remote.train_dataloader()), iter(local.train_dataloader()), strict=False)

@@ -8,6 +8,7 @@ says which tokens it holds: coverage and order are checked by exact equality, no
 import json
 import pickle
 import runpy
+import shutil
 import subprocess
 import sys
 from itertools import islice
@@ -104,7 +105,8 @@ def test_round_trip_exact_batches_every_token_once_per_epoch(store_path):
         store.sample_activations(65)
 
 
-def test_resume_from_state_dict_is_bit_exact(store_path):
+def test_resume_from_state_dict_is_bit_exact(store_path, tmp_path):
+    moved = shutil.copytree(store_path, tmp_path / "moved")  # copied to another folder or node
     store = ActivationStore(store_path, hook_names=[HOOKS[1]])
     stream = iter(store.train_dataloader(batch_size=40, seed=3))
     straight, states = [], {}
@@ -113,15 +115,21 @@ def test_resume_from_state_dict_is_bit_exact(store_path):
         if n - 1 in (0, 7, 23, 25):  # as in Lightning: one batch prefetched past the checkpoint
             states[n - 1] = store.state_dict(batches_consumed=n - 1)
     assert set(straight[0]) == {HOOKS[1]}
-    for n, state in states.items():
-        resumed = ActivationStore(store_path, hook_names=[HOOKS[1]])
+    for (n, state), where in zip(states.items(), [store_path, moved] * 2, strict=True):
+        resumed = ActivationStore(where, hook_names=[HOOKS[1]])
         resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint's trip
         again = list(islice(iter(resumed.train_dataloader(batch_size=40, seed=3)), 40 - n))
         assert all(
             torch.equal(a[HOOKS[1]], b[HOOKS[1]]) for a, b in zip(again, straight[n:], strict=True)
         )
-    with pytest.warns(UserWarning, match="another layout"):
-        resumed.train_dataloader(batch_size=20, seed=3)
+    # Another layout warns, then continues past the epoch's end (litdata itself refuses another
+    # seed or shuffle, and its elastic resume may leave nothing of the resumed epoch).
+    for other in ({"batch_size": 20}, {"seed": 4}, {"shuffle": False}, {"num_workers": 2}):
+        layout = {"batch_size": 40, "seed": 3, **other}
+        with pytest.warns(UserWarning, match="another layout"):
+            batches = resumed.train_dataloader(**layout)
+        read = list(islice(iter(batches), 960 // layout["batch_size"] + 1))
+        assert all(b[HOOKS[1]].shape == (layout["batch_size"], 4) for b in read)
 
 
 def test_bfloat16_is_stored_as_its_int16_bits(tmp_path):
@@ -164,6 +172,38 @@ def test_append_adds_chunks_and_refuses_mismatches(store_path, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
         write_store(tmp_path / "other", source(320), None, METADATA)
+
+
+def test_an_append_killed_before_its_index_and_discarded_restarts_from_the_store(
+    store_path, monkeypatch
+):
+    """Killed between the manifest and the index, then ``resume=False``: the store as it was."""
+    from lightning_sae.data.store import _Location
+
+    write_text = _Location.write_text
+
+    def killed_at_the_index(self, file: str, text: str) -> None:
+        if file == INDEX:
+            raise KeyboardInterrupt
+        write_text(self, file, text)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_Location, "write_text", killed_at_the_index)
+        with pytest.raises(KeyboardInterrupt):
+            write_store(store_path, source(320, first=960), None, METADATA, append=True, **SMALL)
+    assert json.loads((store_path / MANIFEST).read_text())["n_tokens"] == 1280  # index: 960
+    starts = []
+
+    def from_token(start: int) -> list[dict[str, torch.Tensor]]:
+        starts.append(start)
+        return source(1280 - start, first=start)
+
+    write_store(store_path, from_token, None, METADATA, resume=False, append=True, **SMALL)
+    store = ActivationStore(store_path)
+    assert starts == [960] and store.n_tokens == 1280
+    batches = islice(iter(store.train_dataloader(batch_size=80, seed=0)), 16)  # one epoch
+    ids = torch.cat([b[HOOKS[0]] for b in batches])[:, 0].long()
+    assert torch.equal(ids.sort().values, torch.arange(1280))
 
 
 def _stopping(chunks, at: int):
