@@ -67,3 +67,6 @@ def test_claims_are_judged_on_every_matched_point():
     assert verdicts["ATM paper"] == "inconclusive (no matched L0)"
     table["batchtopk"] = {"2": 0.6, "4": 0.5}
     assert pareto.judge(tables)[0]["verdict"] == "does not hold here"
+    # A run that has finished only its first data set is judged on that one.
+    partial = pareto.judge({"synthetic": tables["synthetic"]})
+    assert {c["dataset"] for v in partial for c in v["comparisons"]} == {"synthetic"}
