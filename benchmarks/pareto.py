@@ -393,10 +393,20 @@ def run_one(task: Any, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- analysis
+#: A level this close (relative L0) outside a curve's range takes its end run's value: a JumpReLU
+#: run asked for L0 8 lands at 7.93, which is at L0 8 for any comparison, not outside the curve.
+RANGE_TOLERANCE = 0.05
+
+
 def interpolate(runs: list[dict[str, Any]], metric: str, l0: float) -> float | None:
-    """``metric`` at ``l0``, linear in log L0 between the two neighbouring runs; None outside."""
+    """``metric`` at ``l0``, linear in log L0 between the two neighbouring runs; None outside.
+
+    Outside means beyond the curve's lowest or highest run by more than ``RANGE_TOLERANCE``.
+    """
     points = sorted((r["l0"], r[metric]) for r in runs if r["l0"] > 0 and metric in r)
-    if len(points) < 2 or not points[0][0] <= l0 <= points[-1][0]:
+    lowest, highest = (points[0][0], points[-1][0]) if points else (0.0, 0.0)
+    inside = lowest / (1 + RANGE_TOLERANCE) <= l0 <= highest * (1 + RANGE_TOLERANCE)
+    if len(points) < 2 or not inside:
         return None
     xs = np.log([p[0] for p in points])
     return float(np.interp(math.log(l0), xs, [p[1] for p in points]))
@@ -493,20 +503,21 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Sparsity–fidelity frontier",
         "",
-        f"`python benchmarks/pareto.py{' --quick' if result['quick'] else ''}`: "
-        f"{result['wall_s'] / 60:.1f} min on {result['machine']}, load average "
-        f"{result['load_average_start']} at the start and {result['load_average_end']} at the "
-        "end (1/5/15 min).",
+        f"`python benchmarks/pareto.py{' --quick' if result['quick'] else ''}` on "
+        f"{result['machine']}.",
         "",
     ]
     for dataset, data in result["datasets"].items():
         setting = data["setting"]
+        status = "" if data["complete"] else " **Incomplete: the run stopped before the last SAE.**"
         lines += [
             f"## {dataset}",
             "",
             f"{data['description']}. d_sae {setting['d_sae']}, {setting['steps']} steps × "
             f"{setting['batch_size']} tokens, lr {setting['lr']:g}, seed 0; evaluated on "
-            f"{setting['eval_tokens']:,} held-out tokens.",
+            f"{setting['eval_tokens']:,} held-out tokens. {data['wall_s'] / 60:.1f} min, load "
+            f"average {data['load_average_start']} at the start and {data['load_average_end']} "
+            f"at the end (1/5/15 min).{status}",
             "",
         ]
         extra = [m for m in ("mcc", "absorption") if m in data["runs"][0]]
@@ -528,8 +539,8 @@ def markdown(result: dict[str, Any]) -> str:
             levels = list(next(iter(table.values())))
             lines += [
                 "",
-                f"Matched L0 ({metric}, linear in log L0 between each curve's runs; — outside "
-                "its range):",
+                f"Matched L0 ({metric}, linear in log L0 between each curve's runs; — more "
+                f"than {RANGE_TOLERANCE:.0%} outside its range):",
                 "",
                 "| architecture | " + " | ".join(f"L0 {v}" for v in levels) + " |",
                 "|---|" + "---|" * len(levels),
@@ -582,47 +593,64 @@ def plot(dataset: str, data: dict[str, Any], path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- main
 def frontier(args: argparse.Namespace) -> None:
-    start, load_start = time.perf_counter(), load_average()
+    """Train the sweep on each of ``args.datasets``; write the results after every run.
+
+    Data sets not run this time keep their entries from an existing ``pareto.json``, so one data
+    set can be re-run alone; each entry records its own wall time and load averages.
+    """
+    start = time.perf_counter()
     budgets = settings(args.quick)
     cache_dir = args.cache_dir / ("quick" if args.quick else "full")
-    tasks: list[Callable[[], Any]] = [
-        lambda: SyntheticTask(budgets["synthetic"]),
-        lambda: SmolLM2Task(budgets["smollm2"], cache_dir, args.threads),
-    ]
+    makers: dict[str, Callable[[], Any]] = {
+        "synthetic": lambda: SyntheticTask(budgets["synthetic"]),
+        "smollm2": lambda: SmolLM2Task(budgets["smollm2"], cache_dir, args.threads),
+    }
+    previous = args.output_dir / "pareto.json"
     datasets: dict[str, Any] = {}
-    for make_task in tasks:  # built one after the other: the SmolLM2 cache is written when needed
-        task = make_task()
-        records = []
-        for name, label, kwargs in sweep(task.setting):
-            record = {"architecture": name, "setting": label, **run_one(task, name, kwargs)}
-            records.append(record)
-            print(task.name, json.dumps(record), flush=True)
-        metrics = ["nmse", "explained_variance"] + (
-            ["absorption"] if task.name == "synthetic" else []
-        )
-        datasets[task.name] = {
-            "description": task.describe(),
-            "setting": asdict(task.setting),
-            "runs": records,
-            "matched": matched(records, task.setting.levels, metrics),
-        }
-        if isinstance(task, SmolLM2Task):
-            datasets[task.name]["cache_write_s"] = task.cache_seconds
-        # Written after every data set, so a long run leaves its finished part behind.
-        result = {
-            "quick": args.quick,
-            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
-            "load_average_start": load_start,
-            "load_average_end": load_average(),
-            "wall_s": time.perf_counter() - start,
-            "datasets": datasets,
-            "claims": judge({name: data["matched"] for name, data in datasets.items()}),
-        }
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.output_dir / "pareto.json", json.dumps(result, indent=1) + "\n")
-        atomic_write_text(args.output_dir / "pareto.md", markdown(result))
-        plot(task.name, datasets[task.name], args.output_dir / f"pareto_{task.name}.png")
-    print(markdown(result))
+    if set(args.datasets) != set(makers) and previous.exists():
+        kept = json.loads(previous.read_text())
+        if kept.get("quick") == args.quick:
+            datasets = {k: v for k, v in kept["datasets"].items() if k not in args.datasets}
+    result: dict[str, Any] = {}
+    for (
+        name
+    ) in args.datasets:  # built one after the other: the SmolLM2 cache is written when needed
+        dataset_start, load_start = time.perf_counter(), load_average()
+        task = makers[name]()
+        metrics = ["nmse", "explained_variance"] + (["absorption"] if name == "synthetic" else [])
+        records: list[dict[str, Any]] = []
+        for architecture, label, kwargs in sweep(task.setting):
+            record = {"architecture": architecture, "setting": label}
+            records.append(record | run_one(task, architecture, kwargs))
+            print(name, json.dumps(records[-1]), flush=True)
+            datasets[name] = {
+                "description": task.describe(),
+                "setting": asdict(task.setting),
+                "complete": len(records) == len(sweep(task.setting)),
+                "wall_s": time.perf_counter() - dataset_start,
+                "load_average_start": load_start,
+                "load_average_end": load_average(),
+                "runs": records,
+                "matched": matched(records, task.setting.levels, metrics),
+            }
+            if isinstance(task, SmolLM2Task):
+                datasets[name]["cache_write_s"] = task.cache_seconds
+            result = {
+                "quick": args.quick,
+                "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
+                "datasets": {k: datasets[k] for k in makers if k in datasets},
+                "claims": judge({k: data["matched"] for k, data in datasets.items()}),
+            }
+            save(result, args.output_dir)
+        plot(name, datasets[name], args.output_dir / f"pareto_{name}.png")
+    print(markdown(result), f"({time.perf_counter() - start:.0f} s)")
+
+
+def save(result: dict[str, Any], output_dir: Path) -> None:
+    """Write ``pareto.json`` and ``pareto.md``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "pareto.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(output_dir / "pareto.md", markdown(result))
 
 
 class L0Trace(L.Callback):
@@ -688,6 +716,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
     parser.add_argument(
         "--target-check", action="store_true", help="run issue 10's target-L0 check instead"
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=("synthetic", "smollm2"),
+        default=["synthetic", "smollm2"],
+        help="data sets to run; the others keep their entries in an existing pareto.json",
     )
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     parser.add_argument(
