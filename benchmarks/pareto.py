@@ -18,7 +18,8 @@ Sparsity levels: ``k`` for the TopK family, ``target_l0`` for JumpReLU (its cont
 fixed grid of ``l1_coefficient`` for the L1-penalised SAEs (standard, gated, ATM), chosen once to
 span the same L0 range. Matched-L0 comparisons interpolate each architecture's metric linearly in
 ``log L0`` between its two neighbouring runs, only inside the L0 range it covered (no
-extrapolation). Everything is evaluated on held-out tokens with inference-mode ``module.encode``
+extrapolation; a level within ``RANGE_TOLERANCE``, 5%, beyond its end run takes that run's
+value). Everything is evaluated on held-out tokens with inference-mode ``module.encode``
 (BatchTopK and Matryoshka: the batch top-k over evaluation batches of 4,096 tokens).
 
 Also run: the target-L0 check of issue 10 (``JumpReLUSAE(target_l0=32)`` on the SmolLM2 cache at
@@ -28,9 +29,11 @@ rest together.
     python benchmarks/pareto.py                  # the frontier (~30 min on an idle 2-core CPU)
     python benchmarks/pareto.py --target-check   # issue 10's real-data target-L0 check
     python benchmarks/pareto.py --quick          # smoke run of both parts (about a minute)
+    python benchmarks/pareto.py --datasets smollm2   # re-run one data set, keep the other's entry
 
-Writes ``pareto.json``, ``pareto.md`` and ``pareto_<dataset>.png`` under ``--output-dir``
-(``benchmarks/results``), and ``target_l0.json``/``.md`` with ``--target-check``.
+Writes ``pareto.json`` and ``pareto.md`` after every run and ``pareto_<dataset>.png`` after each
+data set under ``--output-dir`` (``benchmarks/results``), and ``target_l0.json``/``.md`` with
+``--target-check``.
 """
 
 import argparse
