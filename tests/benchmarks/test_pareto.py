@@ -51,6 +51,9 @@ def test_interpolation_is_linear_in_log_l0_and_never_extrapolates():
     assert pareto.interpolate(runs, "nmse", 4.0) == pytest.approx(0.3)
     assert pareto.interpolate(runs, "nmse", 1.0) is None
     assert pareto.interpolate(runs, "nmse", 9.0) is None
+    # A level within RANGE_TOLERANCE of an end takes that end's value (a run at 7.9 for 8).
+    assert pareto.interpolate(runs, "nmse", 8.0 * (1 + pareto.RANGE_TOLERANCE)) == 0.2
+    assert pareto.interpolate(runs, "nmse", 2.0 / (1 + pareto.RANGE_TOLERANCE)) == 0.4
 
 
 def test_claims_are_judged_on_every_matched_point():
@@ -67,3 +70,6 @@ def test_claims_are_judged_on_every_matched_point():
     assert verdicts["ATM paper"] == "inconclusive (no matched L0)"
     table["batchtopk"] = {"2": 0.6, "4": 0.5}
     assert pareto.judge(tables)[0]["verdict"] == "does not hold here"
+    # A run that has finished only its first data set is judged on that one.
+    partial = pareto.judge({"synthetic": tables["synthetic"]})
+    assert {c["dataset"] for v in partial for c in v["comparisons"]} == {"synthetic"}
