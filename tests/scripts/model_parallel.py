@@ -4,7 +4,8 @@
 script as rank 1, which then runs the same sequence), on :func:`activations` in order:
 
 1. ``latent_<arch>`` for TopK and BatchTopK: latent-parallel (``tensor_parallel_size=2``),
-   6 steps of 32 tokens (both ranks the same batches), AuxK active from step 2, the logged
+   6 steps of 32 tokens (rank 1's loader gives other tokens: rank 0's batches are the group's),
+   AuxK active from step 2, the logged
    metrics in ``latent_<arch>_log/version_0/metrics.csv``;
 2. ``half_topk`` (3 steps, a sharded checkpoint) and ``resumed_topk`` (on to 6 steps from it);
 3. ``gathered_topk``: 3 steps saving a gathered checkpoint (one file);
@@ -149,7 +150,9 @@ def main(out: Path) -> None:
     for architecture in ("topk", "batchtopk"):
         fitted = module(architecture, k=K)
         run = trainer(6, 1, 2, out, log=f"latent_{architecture}_log")
-        run.fit(fitted, loader(latent_data, BATCH))
+        # Rank 1 is given other tokens: the group must train on rank 0's batches (broadcast).
+        mine = latent_data if run.global_rank == 0 else x[3 * BATCH : 6 * BATCH]
+        run.fit(fitted, loader(mine, BATCH))
         if run.global_rank == 0:
             record_refusals(out, fitted)
         save(out, f"latent_{architecture}", fitted, run.global_rank)
