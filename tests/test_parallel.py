@@ -154,6 +154,16 @@ def test_fsdp2_matches_one_process(runs: Path, tmp_path: Path, architecture: str
     assert_same_state(reference.state_dict(), torch.load(runs / f"fsdp_{architecture}.pt"))
 
 
+def test_fsdp2_validates_like_one_process(runs: Path, tmp_path: Path):
+    """Validation (inference encode/decode) gathers the FSDP2 shards: same metrics."""
+    reference = one_process("topk", mp.activations()[: 6 * mp.BATCH], 2 * mp.BATCH, 6, tmp_path)
+    held_out = mp.loader(mp.activations()[6 * mp.BATCH : 8 * mp.BATCH], mp.BATCH)
+    (expected,) = mp.trainer(1, 1, 1, tmp_path).validate(reference, held_out, verbose=False)
+    actual = torch.load(runs / "fsdp_topk_val.pt")
+    assert {"val/l0", "val/explained_variance"} <= set(actual)
+    assert actual == pytest.approx(expected, rel=RTOL, abs=ATOL)
+
+
 @pytest.mark.parametrize("architecture", mp.DDP_TWINS)
 def test_fsdp2_matches_ddp(runs: Path, architecture: str):
     """Where no one-process run is the same (per-rank selection, rank-averaged statistics,

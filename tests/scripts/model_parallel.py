@@ -11,7 +11,8 @@ script as rank 1, which then runs the same sequence), on :func:`activations` in 
 3. ``gathered_topk``: 3 steps saving a gathered checkpoint (one file);
 4. ``fsdp_<arch>`` for every architecture: FSDP2 (``data_parallel_size=2``), 6 steps of 32
    tokens per rank (rank ``r`` takes rows ``r, r + 2, …``: the union of the ranks' batches
-   ``i`` is rows ``64i … 64i + 63``, one process's batch ``i`` of 64);
+   ``i`` is rows ``64i … 64i + 63``, one process's batch ``i`` of 64), validated on 64 other
+   tokens during the fit; TopK's validation metrics afterwards in ``fsdp_topk_val.pt``;
 5. ``ddp_<arch>`` for the architectures whose FSDP2 run has no one-process twin (per-rank
    selection or rank-averaged statistics): the same runs under DDP.
 
@@ -174,8 +175,13 @@ def main(out: Path) -> None:
     for architecture, hparams in FSDP_ARCHITECTURES.items():
         fitted = module(architecture, **hparams)
         run = trainer(6, 2, 1, out)
-        run.fit(fitted, loader(x[run.global_rank : 6 * BATCH : 2], BATCH))
+        held_out = loader(x[6 * BATCH : 8 * BATCH], BATCH)  # validated during fit (and sanity)
+        run.fit(fitted, loader(x[run.global_rank : 6 * BATCH : 2], BATCH), held_out)
         save(out, f"fsdp_{architecture}", fitted, run.global_rank)
+        if architecture == "topk":
+            (metrics,) = run.validate(fitted, held_out, verbose=False)
+            if run.global_rank == 0:
+                torch.save(metrics, out / "fsdp_topk_val.pt")
         if architecture in DDP_TWINS:
             fitted = module(architecture, **hparams)
             run = trainer(6, 2, 1, out, ddp=True)
