@@ -8,7 +8,8 @@ script as rank 1, which then runs the same sequence), on :func:`activations` in 
    AuxK active from step 2, the logged
    metrics in ``latent_<arch>_log/version_0/metrics.csv``;
 2. ``half_topk`` (3 steps, a sharded checkpoint) and ``resumed_topk`` (on to 6 steps from it);
-3. ``gathered_topk``: 3 steps saving a gathered checkpoint (one file);
+3. ``gathered_topk``: 3 steps saving a gathered checkpoint (one file), and
+   ``resumed_gathered_topk`` (on to 6 steps from it);
 4. ``fsdp_<arch>`` for every architecture: FSDP2 (``data_parallel_size=2``), 6 steps of 32
    tokens per rank (rank ``r`` takes rows ``r, r + 2, …``: the union of the ranks' batches
    ``i`` is rows ``64i … 64i + 63``, one process's batch ``i`` of 64), validated on 64 other
@@ -171,6 +172,10 @@ def main(out: Path) -> None:
     run = trainer(3, 1, 2, out, save_distributed_checkpoint=False)
     run.fit(fitted, loader(latent_data, BATCH))
     run.save_checkpoint(out / "gathered_topk.ckpt")  # one file, written by rank 0
+    resumed = module("topk", k=K)
+    run = trainer(6, 1, 2, out, save_distributed_checkpoint=False)
+    run.fit(resumed, loader(latent_data, BATCH), ckpt_path=out / "gathered_topk.ckpt")
+    save(out, "resumed_gathered_topk", resumed, run.global_rank)
 
     for architecture, hparams in FSDP_ARCHITECTURES.items():
         fitted = module(architecture, **hparams)
