@@ -21,7 +21,9 @@ on the same mesh, and a gathered file also loads in one process
 plain one-process copy on rank 0 to export or evaluate.
 """
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -112,6 +114,24 @@ def _keeping_writes(sae: Any, method: Any, mesh: DeviceMesh) -> Any:
         return out
 
     return run
+
+
+@contextlib.contextmanager
+def gathered_parameters(sae: torch.nn.Module) -> Iterator[None]:
+    """Run the body (inference: ``encode``/``decode``) on an FSDP2 SAE's whole parameters.
+
+    A collective for an FSDP2 SAE (every rank enters it, as in validation); a no-op otherwise.
+    Only the training pass is an FSDP forward method: inference outside it would mix the
+    sharded parameters with plain tensors.
+    """
+    if not isinstance(sae, FSDPModule):
+        yield
+        return
+    sae.unshard()
+    try:
+        yield
+    finally:
+        sae.reshard()
 
 
 def is_sharded(sae: torch.nn.Module) -> bool:

@@ -121,13 +121,21 @@ def test_latent_parallel_refuses_other_architectures():
             latent_parallel_class(cls)
 
 
-def test_latent_parallel_resumes_from_a_sharded_checkpoint(runs: Path, tmp_path: Path):
-    """3 steps, a sharded checkpoint, a resumed fit to 6: as one process does the same.
+@pytest.mark.parametrize(
+    ("checkpoint", "resumed"),
+    [("half_topk.ckpt", "resumed_topk.pt"), ("gathered_topk.ckpt", "resumed_gathered_topk.pt")],
+)
+def test_latent_parallel_resumes_from_a_checkpoint(
+    runs: Path, tmp_path: Path, checkpoint: str, resumed: str
+):
+    """3 steps, a sharded or gathered checkpoint, a resumed fit to 6: as one process does.
 
+    Weights (Adam steps from the restored state) and statistics, the open density window too.
     (Lightning restarts a finished epoch of a plain DataLoader on resume, so the resumed run's
     batches are not the uninterrupted run's: the reference resumes too.)
     """
-    assert (runs / "half_topk.ckpt").is_dir()  # one shard file per rank, plus metadata
+    # Sharded: one shard file per rank, plus metadata; gathered: one file.
+    assert (runs / checkpoint).is_dir() == (checkpoint == "half_topk.ckpt")
     tokens = mp.activations()[: 3 * mp.BATCH]
     trainer = mp.trainer(3, 1, 1, tmp_path)
     trainer.fit(mp.module("topk", k=mp.K), mp.loader(tokens, mp.BATCH))
@@ -136,7 +144,7 @@ def test_latent_parallel_resumes_from_a_sharded_checkpoint(runs: Path, tmp_path:
     mp.trainer(6, 1, 1, tmp_path).fit(
         reference, mp.loader(tokens, mp.BATCH), ckpt_path=tmp_path / "half.ckpt"
     )
-    assert_same_state(reference.state_dict(), torch.load(runs / "resumed_topk.pt"))
+    assert_same_state(reference.state_dict(), torch.load(runs / resumed))
 
 
 def test_gathered_checkpoint_loads_in_one_process(runs: Path, tmp_path: Path):
@@ -152,6 +160,16 @@ def test_fsdp2_matches_one_process(runs: Path, tmp_path: Path, architecture: str
         architecture, mp.activations()[: 6 * mp.BATCH], 2 * mp.BATCH, 6, tmp_path
     )
     assert_same_state(reference.state_dict(), torch.load(runs / f"fsdp_{architecture}.pt"))
+
+
+def test_fsdp2_validates_like_one_process(runs: Path, tmp_path: Path):
+    """Validation (inference encode/decode) gathers the FSDP2 shards: same metrics."""
+    reference = one_process("topk", mp.activations()[: 6 * mp.BATCH], 2 * mp.BATCH, 6, tmp_path)
+    held_out = mp.loader(mp.activations()[6 * mp.BATCH : 8 * mp.BATCH], mp.BATCH)
+    (expected,) = mp.trainer(1, 1, 1, tmp_path).validate(reference, held_out, verbose=False)
+    actual = torch.load(runs / "fsdp_topk_val.pt")
+    assert {"val/l0", "val/explained_variance"} <= set(actual)
+    assert actual == pytest.approx(expected, rel=RTOL, abs=ATOL)
 
 
 @pytest.mark.parametrize("architecture", mp.DDP_TWINS)

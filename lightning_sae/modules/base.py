@@ -24,6 +24,7 @@ from torch import Tensor
 from lightning_sae.io import AtomicCheckpoints, read_checkpoint
 from lightning_sae.modules.checkpoints import (
     CLASS_PATH_KEY,
+    DENSITY_WINDOW_KEY,
     check_checkpoint_matches,
     saved_class,
     upgrade_state_dict,
@@ -361,6 +362,10 @@ class SAEModule(_ArchitectureDispatch):
         self.unit.raise_if_not_finite()
         checkpoint[CLASS_PATH_KEY] = class_path(type(self))
         checkpoint["sae_metadata"] = self.sae.cfg.metadata.to_dict()
+        # ModelParallelStrategy restores a gathered (one-file) checkpoint parameter by parameter
+        # and buffer by buffer, skipping torchmetrics states: the open density window also
+        # travels here.
+        checkpoint[DENSITY_WINDOW_KEY] = self.unit.statistics.window.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the metadata; keep the checkpoint's activation scale (never re-estimate).
@@ -375,6 +380,9 @@ class SAEModule(_ArchitectureDispatch):
         self.unit.mark_restored()
         if "sae_metadata" in checkpoint:
             self.sae.cfg.metadata = SAEMetadata(**checkpoint["sae_metadata"])
+        window = self.unit.statistics.window
+        for name, value in checkpoint.get(DENSITY_WINDOW_KEY, {}).items():
+            getattr(window, name).copy_(value)  # in place: keeps the device and float64
 
     @_restricted_classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:

@@ -16,6 +16,8 @@ from lightning_sae.registry import import_class
 
 #: Key under which a checkpoint records the module class that wrote it.
 CLASS_PATH_KEY = "lightning_sae_class"
+#: Key under which a checkpoint also holds the open feature-density window (``SAEModule``).
+DENSITY_WINDOW_KEY = "lightning_sae_density_window"
 
 
 def saved_class(checkpoint: dict[str, Any]) -> type | None:

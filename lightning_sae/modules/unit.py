@@ -20,6 +20,7 @@ from lightning_sae.distributed import all_reduce_mean, all_reduce_min, broadcast
 from lightning_sae.modules.normalizer import ActivationNormalizer
 from lightning_sae.modules.statistics import TrainingStatistics, keep_metrics_float64
 from lightning_sae.optim import LRSchedule, LRSchedulerName, warm_up_coefficient
+from lightning_sae.parallel import gathered_parameters
 
 #: ``SAEUnit.first_nonfinite_step`` of a run that has seen no NaN/inf.
 NOT_SEEN = torch.iinfo(torch.int64).max
@@ -205,8 +206,10 @@ class SAEUnit(nn.Module):
         Never the training pass: BatchTopK's would move its threshold.
         """
         sae_in = self.normalizer(x)
-        feature_acts = self.sae.encode(sae_in)
-        metrics.update(x=sae_in, x_hat=self.sae.decode(feature_acts), feature_acts=feature_acts)
+        with gathered_parameters(self.sae):  # FSDP2: every rank validates, gathered
+            feature_acts = self.sae.encode(sae_in)
+            x_hat = self.sae.decode(feature_acts)
+        metrics.update(x=sae_in, x_hat=x_hat, feature_acts=feature_acts)
 
     @torch.no_grad()
     def _record_nonfinite(self, x: Tensor, loss: Tensor, step: int) -> None:

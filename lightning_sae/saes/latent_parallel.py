@@ -231,7 +231,9 @@ class LatentParallelTraining:
     def _global_winners(self, scores: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
         """Rows, global columns and values of the group's winners (TopK: per-token top-k)."""
         k = self.cfg.k  # type: ignore[attr-defined]
-        values, cols = gather_row_topk(*row_topk(scores, k, offset), k, self.latent_group)
+        # A shard narrower than k lists all of its latents (the group still lists k or more).
+        local = row_topk(scores, min(k, scores.shape[1]), offset)
+        values, cols = gather_row_topk(*local, k, self.latent_group)
         rows = torch.arange(scores.shape[0], device=scores.device).repeat_interleave(k)
         return rows, cols.flatten(), values.flatten()
 

@@ -27,6 +27,7 @@ CASES = {
     "batchtopk": {"k": 3},
     "batchtopk_fractional": {"k": 2.5},
     "topk_no_rescale": {"k": 3, "rescale_acts_by_decoder_norm": False},
+    "topk_wide_k": {"k": 40},  # k above a rank's 32 latents: each lists all of its own
 }
 
 

@@ -4,13 +4,16 @@
 script as rank 1, which then runs the same sequence), on :func:`activations` in order:
 
 1. ``latent_<arch>`` for TopK and BatchTopK: latent-parallel (``tensor_parallel_size=2``),
-   6 steps of 32 tokens (both ranks the same batches), AuxK active from step 2, the logged
+   6 steps of 32 tokens (rank 1's loader gives other tokens: rank 0's batches are the group's),
+   AuxK active from step 2, the logged
    metrics in ``latent_<arch>_log/version_0/metrics.csv``;
 2. ``half_topk`` (3 steps, a sharded checkpoint) and ``resumed_topk`` (on to 6 steps from it);
-3. ``gathered_topk``: 3 steps saving a gathered checkpoint (one file);
+3. ``gathered_topk``: 3 steps saving a gathered checkpoint (one file), and
+   ``resumed_gathered_topk`` (on to 6 steps from it);
 4. ``fsdp_<arch>`` for every architecture: FSDP2 (``data_parallel_size=2``), 6 steps of 32
    tokens per rank (rank ``r`` takes rows ``r, r + 2, …``: the union of the ranks' batches
-   ``i`` is rows ``64i … 64i + 63``, one process's batch ``i`` of 64);
+   ``i`` is rows ``64i … 64i + 63``, one process's batch ``i`` of 64), validated on 64 other
+   tokens during the fit; TopK's validation metrics afterwards in ``fsdp_topk_val.pt``;
 5. ``ddp_<arch>`` for the architectures whose FSDP2 run has no one-process twin (per-rank
    selection or rank-averaged statistics): the same runs under DDP.
 
@@ -149,7 +152,9 @@ def main(out: Path) -> None:
     for architecture in ("topk", "batchtopk"):
         fitted = module(architecture, k=K)
         run = trainer(6, 1, 2, out, log=f"latent_{architecture}_log")
-        run.fit(fitted, loader(latent_data, BATCH))
+        # Rank 1 is given other tokens: the group must train on rank 0's batches (broadcast).
+        mine = latent_data if run.global_rank == 0 else x[3 * BATCH : 6 * BATCH]
+        run.fit(fitted, loader(mine, BATCH))
         if run.global_rank == 0:
             record_refusals(out, fitted)
         save(out, f"latent_{architecture}", fitted, run.global_rank)
@@ -167,12 +172,21 @@ def main(out: Path) -> None:
     run = trainer(3, 1, 2, out, save_distributed_checkpoint=False)
     run.fit(fitted, loader(latent_data, BATCH))
     run.save_checkpoint(out / "gathered_topk.ckpt")  # one file, written by rank 0
+    resumed = module("topk", k=K)
+    run = trainer(6, 1, 2, out, save_distributed_checkpoint=False)
+    run.fit(resumed, loader(latent_data, BATCH), ckpt_path=out / "gathered_topk.ckpt")
+    save(out, "resumed_gathered_topk", resumed, run.global_rank)
 
     for architecture, hparams in FSDP_ARCHITECTURES.items():
         fitted = module(architecture, **hparams)
         run = trainer(6, 2, 1, out)
-        run.fit(fitted, loader(x[run.global_rank : 6 * BATCH : 2], BATCH))
+        held_out = loader(x[6 * BATCH : 8 * BATCH], BATCH)  # validated during fit (and sanity)
+        run.fit(fitted, loader(x[run.global_rank : 6 * BATCH : 2], BATCH), held_out)
         save(out, f"fsdp_{architecture}", fitted, run.global_rank)
+        if architecture == "topk":
+            (metrics,) = run.validate(fitted, held_out, verbose=False)
+            if run.global_rank == 0:
+                torch.save(metrics, out / "fsdp_topk_val.pt")
         if architecture in DDP_TWINS:
             fitted = module(architecture, **hparams)
             run = trainer(6, 2, 1, out, ddp=True)
