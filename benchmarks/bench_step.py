@@ -285,17 +285,22 @@ def measure_crossover(architecture: str, args: argparse.Namespace, d_sae: int) -
 
 
 class StepTimes(Callback):
-    """Wall time of each training batch: step, backward and optimizer, inside ``Trainer.fit``."""
+    """Wall time of each training batch inside ``Trainer.fit``, then of ``unit`` (interleaved).
 
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
+    A batch's time covers the training step, backward, Adam and Lightning's own work around them.
+    """
+
+    def __init__(self, unit: Callable[[], object], clock: Clock) -> None:
+        self.unit, self.clock = unit, clock
+        self.times: dict[str, list[float]] = {"step": [], "unit": []}
         self.loads: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seconds.append(time.perf_counter() - self.start)
+        self.times["step"].append(time.perf_counter() - self.start)
+        self.times["unit"].append(self.clock(self.unit))
         self.loads.append(os.getloadavg()[0])
 
 
@@ -307,31 +312,28 @@ def measure_multi(args: argparse.Namespace, d_sae: int) -> dict:
     options = {"k": args.k} if args.multi_architecture in TOPK_FAMILY else {}
     module = MultiSAEModule(args.multi_architecture, hooks, d_in=args.d_in, d_sae=d_sae, **options)
     batch = {hook: torch.randn(args.batch, args.d_in, device=device) for hook in hooks}
-    loader = torch.utils.data.DataLoader([batch] * (args.repeats + 1), batch_size=None)
-    timer = StepTimes()
+    steps = args.repeats + 1  # the first step pays Adam's state and the normaliser's estimate
+    loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
+
+    def units() -> None:  # one encoder product per hook
+        for (_, unit), x in zip(module._units(), batch.values(), strict=True):
+            torch.addmm(unit.sae.b_enc, x, unit.sae.W_enc)
+
+    timer = StepTimes(units, Clock(device))
     trainer = L.Trainer(
-        accelerator=device.type, devices=1, max_steps=args.repeats + 1, logger=False,
+        accelerator=device.type, devices=1, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[timer],
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=loader)
-    clock = Clock(device)
-    units = []
-    for _ in range(max(args.repeats, 3)):
-        units.append(
-            sum(
-                clock(lambda unit=unit, x=x: torch.addmm(unit.sae.b_enc, x, unit.sae.W_enc))
-                for (_, unit), x in zip(module._units(), batch.values(), strict=True)
-            )
-        )
-    step = min(timer.seconds[1:])  # the first step pays Adam's state and the normaliser
+    step, unit = (min(timer.times[name][1:]) for name in ("step", "unit"))
     return {
         "architecture": args.multi_architecture,
         "case": f"MultiSAEModule, {args.hooks} hooks",
         "d_sae": d_sae,
-        "unit_ms": round(min(units) / args.hooks * 1e3, 2),
+        "unit_ms": round(unit / args.hooks * 1e3, 2),
         "sae_lens_x": None,
-        "ours_x": round(step / min(units), 2),
+        "ours_x": round(step / unit, 2),
         "speed_up": None,
         "load_1min": [round(load, 2) for load in timer.loads],
         "sae_lens_peak_copies": None,
