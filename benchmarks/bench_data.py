@@ -8,9 +8,10 @@ per second:
   ``model.layers.<layer>`` and once with the four hooks ``--hooks`` (the same depth);
 - ``train_live`` (one ``BatchTopKSAE``) and ``train_live_4_hooks`` (``MultiSAEModule`` of four
   BatchTopK SAEs from one forward): ``Trainer.fit`` streaming from the live DataModule
-  (tokenise, forward, mix, SAE step). Two figures each: ``first_to_last_batch`` (the loop, no
-  set-up, no first buffer fill) and ``whole_fit`` (train start to end, every buffer fill
-  included: what a run gets), as a fraction of the matching ``model_forward``;
+  (tokenise, forward, mix, SAE step). Two figures each, as fractions of the matching
+  ``model_forward``: ``first_to_last_batch`` (the loop, no set-up, no first buffer fill) and
+  ``whole_fit`` (the whole ``Trainer.fit`` call, set-up and every buffer fill included: what a
+  run gets; validation off);
 - ``cache_read``: batches read from an activation cache (safetensors files, shuffled);
 - ``train_cache``: the one-SAE fit reading the cache instead of running the model.
 
@@ -37,6 +38,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_sae import ActivationDataModule, BatchTopKSAE, MultiSAEModule
 from lightning_sae.data import shakespeare_documents
+from lightning_sae.data.live import LiveSource
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 1024
@@ -44,33 +46,72 @@ CONTEXT = 256
 
 
 class FitTimer(Callback):
-    """Times a fit two ways: train start to end, and first batch's start to the end."""
+    """Times a fit's first batch's start to the end, and its training steps."""
 
-    def on_train_start(self, trainer, pl_module):
-        self.train_start = time.perf_counter()
+    def __init__(self) -> None:
+        self.steps = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step_start = time.perf_counter()
         if batch_idx == 0:
-            self.first_batch = time.perf_counter()
+            self.first_batch = self.step_start
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps += time.perf_counter() - self.step_start
 
     def on_train_end(self, trainer, pl_module):
         self.end = time.perf_counter()
 
 
+class ForwardTimer:
+    """Wraps a hooked model's ``activations`` to add up the time spent in the model."""
+
+    def __init__(self, model) -> None:
+        self.model, self.activations, self.seconds = model, model.activations, 0.0
+        model.activations = self
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.activations(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def remove(self) -> None:
+        del self.model.activations
+
+
 def train_tokens_per_sec(dm: ActivationDataModule, module: L.LightningModule, batches: int) -> dict:
-    """Tokens per second of a ``batches``-step fit: whole fit, and first to last batch."""
+    """Tokens per second of a ``batches``-step fit: whole fit, first to last batch, breakdown.
+
+    The breakdown splits the whole fit's seconds into the model's forward (live source only), the
+    training steps (training step, backward, Adam) and the rest (set-up of the loop, batching,
+    mixing, Lightning's own work between steps).
+    """
     timer = FitTimer()
+    forward = ForwardTimer(dm.hooked_model) if isinstance(dm.source, LiveSource) else None
     trainer = L.Trainer(
-        max_steps=batches, logger=False, enable_checkpointing=False,
+        max_steps=batches, logger=False, enable_checkpointing=False, limit_val_batches=0,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )  # fmt: skip
-    trainer.fit(module, datamodule=dm)
-    # The loop trains batches 0..n-1 and fetches batch n too (it prefetches one); the window
-    # from batch 0's start misses batch 0's fetch: n batches fetched in either window.
-    return {
-        "whole_fit": batches * BATCH / (timer.end - timer.train_start),
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=dm)
+    finally:
+        if forward is not None:
+            forward.remove()
+    # Whole fit: the call, set-up and every buffer fill included. The loop trains batches
+    # 0..n-1 and fetches batch n too (it prefetches one); the window from batch 0's start misses
+    # batch 0's fetch: n batches fetched in either window.
+    whole = time.perf_counter() - start
+    model = forward.seconds if forward is not None else 0.0
+    speeds = {
+        "whole_fit": batches * BATCH / whole,
         "first_to_last_batch": batches * BATCH / (timer.end - timer.first_batch),
     }
+    seconds = {"whole_fit": whole, "model_forward": model, "sae_steps": timer.steps}
+    seconds["other"] = whole - model - timer.steps
+    return speeds, {name: round(value, 2) for name, value in seconds.items()}
 
 
 def forward_tokens_per_sec(dm: ActivationDataModule, tokens: int, model_batch_size: int) -> float:
@@ -114,7 +155,8 @@ def main() -> None:
     results = {"model_forward": forward_tokens_per_sec(dm, args.tokens, args.model_batch_size)}
     loads.append(os.getloadavg()[0])
     sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
-    results["train_live"] = train_tokens_per_sec(dm, sae, batches)
+    breakdown = {}
+    results["train_live"], breakdown["train_live"] = train_tokens_per_sec(dm, sae, batches)
     loads.append(os.getloadavg()[0])
     multi_dm = data_module(hooks, args)
     results["model_forward_4_hooks"] = forward_tokens_per_sec(
@@ -124,7 +166,9 @@ def main() -> None:
     multi = MultiSAEModule(
         "batchtopk", hooks, d_in=multi_dm.d_in_per_hook, d_sae=4 * dm.d_in, k=32, seed=0
     )
-    results["train_live_4_hooks"] = train_tokens_per_sec(multi_dm, multi, batches)
+    results["train_live_4_hooks"], breakdown["train_live_4_hooks"] = train_tokens_per_sec(
+        multi_dm, multi, batches
+    )
     loads.append(os.getloadavg()[0])
     ratios = {
         f"{name}_{window}": round(results[name][window] / results[forward], 3)
@@ -150,7 +194,7 @@ def main() -> None:
             pass
         results["cache_read"] = n_batches * BATCH / (time.perf_counter() - start)
         sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
-        results["train_cache"] = train_tokens_per_sec(cached, sae, 100)
+        results["train_cache"], breakdown["train_cache"] = train_tokens_per_sec(cached, sae, 100)
     loads.append(os.getloadavg()[0])
 
     def rounded(value: float | dict) -> float | dict:
@@ -161,6 +205,7 @@ def main() -> None:
     record = {
         "tokens_per_sec": {name: rounded(value) for name, value in results.items()},
         "fraction_of_forward": ratios,
+        "fit_seconds": breakdown,
         "setup": {
             "model": "SmolLM2-135M-Instruct (fp32, from the GGUF)",
             "hook": hook,
@@ -199,6 +244,15 @@ def main() -> None:
                 lines.append(f"| `{name}` {window} | {speed:,.0f} | {ratio} |")
         else:
             lines.append(f"| `{name}` | {value:,.0f} | |")
+    lines += [
+        "",
+        "Where a fit's seconds go (model forward inside the fit, training steps, the rest):",
+        "",
+        "| fit | whole fit s | model forward s | SAE steps s | other s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, seconds in breakdown.items():
+        lines.append(f"| `{name}` | " + " | ".join(str(value) for value in seconds.values()) + " |")
     (RESULTS / "data.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(record, indent=2))
 

@@ -5,6 +5,7 @@ import torch
 
 from lightning_sae.saes.kernels import (
     Candidates,
+    RowNorms,
     SparseDecode,
     batch_topk_entries,
     entry_layout,
@@ -114,3 +115,17 @@ def test_sparse_decode_gradients_are_exact():
     weights = torch.randn(layout.cols.shape[0], dtype=torch.float64, requires_grad=True)
     W_dec = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda w, W: SparseDecode.apply(w, W, layout), (weights, W_dec))
+
+
+def test_row_norms_gradient_is_exact_with_a_zero_row():
+    W = torch.randn(6, 5, dtype=torch.float64)
+    W[2] = 0.0  # autograd's norm gives a zero gradient there too
+    W.requires_grad_()
+    torch.testing.assert_close(RowNorms.apply(W), W.norm(dim=-1))
+    assert torch.autograd.gradcheck(
+        RowNorms.apply, (torch.randn(6, 5, dtype=torch.float64, requires_grad=True),)
+    )
+    weights = torch.randn(6, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((RowNorms.apply(W) * weights).sum(), W)
+    (theirs,) = torch.autograd.grad((W.norm(dim=-1) * weights).sum(), W)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
