@@ -231,8 +231,8 @@ def main() -> None:
     lines = [
         f"Tokens per second, {args.tokens} tokens per measurement, mixing buffers of "
         f"{args.buffer_tokens}; 1-min load average {min(loads):.2f}–{max(loads):.2f}. Fits: "
-        "whole fit (train start to end, buffer fills included) and first to last batch, as a "
-        "fraction of the matching model forward.",
+        "whole fit (the whole `Trainer.fit` call, buffer fills included) and first to last "
+        "batch, as a fraction of the matching model forward.",
         "",
         "| path | tokens/s | × forward |",
         "| --- | ---: | ---: |",
@@ -240,7 +240,7 @@ def main() -> None:
     for name, value in results.items():
         if isinstance(value, dict):
             for window, speed in value.items():
-                ratio = ratios.get(f"{name}_{window}")
+                ratio = ratios.get(f"{name}_{window}", "")
                 lines.append(f"| `{name}` {window} | {speed:,.0f} | {ratio} |")
         else:
             lines.append(f"| `{name}` | {value:,.0f} | |")
