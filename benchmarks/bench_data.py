@@ -182,17 +182,12 @@ def main() -> None:
     }
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = dm.write_cache(
-            Path(tmp) / "cache",
-            args.cache_tokens,
-            tokens_per_file=args.cache_tokens // 4,
-            holdout_tokens=0,
-        )
+        path = dm.write_cache(Path(tmp) / "cache", args.cache_tokens, holdout_tokens=0)
         cached = ActivationDataModule(cache_dir=path, batch_size=BATCH)
         cached.setup("fit")
         n_batches = 200
         start = time.perf_counter()
-        for _ in islice(cached._batches(0), n_batches):
+        for _ in islice(iter(cached.train_dataloader()), n_batches):
             pass
         results["cache_read"] = n_batches * BATCH / (time.perf_counter() - start)
         sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
