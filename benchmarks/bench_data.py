@@ -1,17 +1,26 @@
 """Data-path throughput on this machine: model forward vs end-to-end training vs cache reads.
 
-Measures, on the offline default (SmolLM2-135M hooked at ``model.layers.15``, Shakespeare,
-context 256), in tokens per second:
+Measures, on the offline default (SmolLM2-135M, Shakespeare, context 256, batch 1024), in tokens
+per second:
 
-- ``model_forward``: the hooked forward alone (stops after layer 15), no DataModule;
-- ``train_live``: ``Trainer.fit`` of a BatchTopK SAE streaming from the live DataModule
-  (tokenise, forward, mix, SAE step), timed from the first batch to the last;
+- ``model_forward``: the hooked forward alone (stops after the last hook, ``--model-batch-size``
+  rows per forward, as the live DataModule runs it), no DataModule; once with the one hook
+  ``model.layers.<layer>`` and once with the four hooks ``--hooks`` (the same depth);
+- ``train_live`` (one ``BatchTopKSAE``) and ``train_live_4_hooks`` (``MultiSAEModule`` of four
+  BatchTopK SAEs from one forward): ``Trainer.fit`` streaming from the live DataModule
+  (tokenise, forward, mix, SAE step). Two figures each, as fractions of the matching
+  ``model_forward``: ``first_to_last_batch`` (the loop, no set-up, no first buffer fill) and
+  ``whole_fit`` (the whole ``Trainer.fit`` call, set-up and every buffer fill included: what a
+  run gets; validation off);
 - ``cache_read``: batches read from an activation cache (safetensors files, shuffled);
-- ``train_cache``: the same fit, reading the cache instead of running the model.
+- ``train_cache``: the one-SAE fit reading the cache instead of running the model.
 
-Writes ``benchmarks/results/data.json`` and ``data.md``.
+SAEs: d_sae ``4 · d_in`` (2304), k 32. The fits cover ``--tokens`` in mixing buffers of
+``--buffer-tokens``; they stop one batch short of the last buffer's end, so the batch the fit loop
+prefetches never starts a buffer that is not trained on. Writes ``benchmarks/results/data.json``
+and ``data.md`` with the load average.
 
-    python benchmarks/bench_data.py [--tokens 4096] [--layer 15]
+    python benchmarks/bench_data.py [--tokens 65536] [--buffer-tokens 16384] [--layer 12]
 """
 
 import argparse
@@ -27,59 +36,153 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_sae import ActivationDataModule, BatchTopKSAE
+from lightning_sae import ActivationDataModule, BatchTopKSAE, MultiSAEModule
 from lightning_sae.data import shakespeare_documents
+from lightning_sae.data.live import LiveSource
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 1024
+CONTEXT = 256
 
 
-class FirstToLastBatch(Callback):
-    """Time from the first training batch's start to the last batch's end (no set-up)."""
+class FitTimer(Callback):
+    """Times a fit's first batch's start to the end, and its training steps."""
+
+    def __init__(self) -> None:
+        self.steps = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step_start = time.perf_counter()
         if batch_idx == 0:
-            self.start = time.perf_counter()
+            self.first_batch = self.step_start
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps += time.perf_counter() - self.step_start
 
     def on_train_end(self, trainer, pl_module):
-        self.seconds = time.perf_counter() - self.start
+        self.end = time.perf_counter()
 
 
-def train_tokens_per_sec(dm: ActivationDataModule, steps: int) -> float:
-    timer = FirstToLastBatch()
+class ForwardTimer:
+    """Wraps a hooked model's ``activations`` to add up the time spent in the model."""
+
+    def __init__(self, model) -> None:
+        self.model, self.activations, self.seconds = model, model.activations, 0.0
+        model.activations = self
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.activations(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def remove(self) -> None:
+        del self.model.activations
+
+
+def train_tokens_per_sec(dm: ActivationDataModule, module: L.LightningModule, batches: int) -> dict:
+    """Tokens per second of a ``batches``-step fit: whole fit, first to last batch, breakdown.
+
+    The breakdown splits the whole fit's seconds into the model's forward (live source only), the
+    training steps (training step, backward, Adam) and the rest (set-up of the loop, batching,
+    mixing, Lightning's own work between steps).
+    """
+    timer = FitTimer()
+    forward = ForwardTimer(dm.hooked_model) if isinstance(dm.source, LiveSource) else None
     trainer = L.Trainer(
-        max_steps=steps + 1, logger=False, enable_checkpointing=False,
+        max_steps=batches, logger=False, enable_checkpointing=False, limit_val_batches=0,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )  # fmt: skip
-    trainer.fit(BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0), datamodule=dm)
-    # In the timed window the fit loop trains batches 0..steps and fetches batches 1..steps+1
-    # (it prefetches one): steps + 1 batches of each, with one-batch mixing chunks.
-    return (steps + 1) * BATCH / timer.seconds
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=dm)
+    finally:
+        if forward is not None:
+            forward.remove()
+    # Whole fit: the call, set-up and every buffer fill included. The loop trains batches
+    # 0..n-1 and fetches batch n too (it prefetches one); the window from batch 0's start misses
+    # batch 0's fetch: n batches fetched in either window.
+    whole = time.perf_counter() - start
+    model = forward.seconds if forward is not None else 0.0
+    speeds = {
+        "whole_fit": batches * BATCH / whole,
+        "first_to_last_batch": batches * BATCH / (timer.end - timer.first_batch),
+    }
+    seconds = {"whole_fit": whole, "model_forward": model, "sae_steps": timer.steps}
+    seconds["other"] = whole - model - timer.steps
+    return speeds, {name: round(value, 2) for name, value in seconds.items()}
+
+
+def forward_tokens_per_sec(dm: ActivationDataModule, tokens: int, model_batch_size: int) -> float:
+    """The hooked model's forward alone over ``tokens`` tokens, as the live source batches it."""
+    model = dm.hooked_model
+    rows = torch.stack(list(islice(dm.token_rows(), tokens // CONTEXT)))
+    model.activations(rows[:2])  # warm-up
+    start = time.perf_counter()
+    for part in rows.split(model_batch_size):
+        model.activations(part)
+    return tokens / (time.perf_counter() - start)
+
+
+def data_module(hooks: list[str], args: argparse.Namespace) -> ActivationDataModule:
+    dm = ActivationDataModule(
+        model="smollm2-135m", hook_names=hooks if len(hooks) > 1 else hooks[0],
+        dataset=shakespeare_documents(), context_size=CONTEXT, batch_size=BATCH,
+        shuffle_buffer_tokens=args.buffer_tokens, model_batch_size=args.model_batch_size,
+        holdout_documents=16,
+    )  # fmt: skip
+    dm.setup("fit")
+    return dm
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per measurement")
-    parser.add_argument("--layer", type=int, default=15)
+    # The first steps of a fit pay one-off costs (~1 s each for the first three on this CPU):
+    # enough steps that they do not dominate the whole-fit figure.
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per measurement")
+    parser.add_argument("--buffer-tokens", type=int, default=16384, help="mixing buffer")
+    parser.add_argument("--model-batch-size", type=int, default=32, help="rows per forward")
+    parser.add_argument("--layer", type=int, default=12)
+    parser.add_argument("--hooks", type=int, nargs="+", default=[3, 6, 9, 12], help="layers")
+    parser.add_argument("--cache-tokens", type=int, default=4096)
     args = parser.parse_args()
+    if args.tokens % args.buffer_tokens or args.buffer_tokens % BATCH:
+        parser.error(f"--tokens must be a multiple of --buffer-tokens, itself of {BATCH}")
     hook = f"model.layers.{args.layer}"
-    dm = ActivationDataModule(
-        model="smollm2-135m", hook_names=hook, dataset=shakespeare_documents(), context_size=256,
-        batch_size=BATCH, shuffle_buffer_tokens=BATCH, holdout_documents=16,
-    )  # fmt: skip
-    dm.setup("fit")
-    model = dm.hooked_model
-    rows = torch.stack(list(islice(dm.token_rows(), args.tokens // 256)))
-    model.activations(rows[:2])  # warm-up
-    start = time.perf_counter()
-    for part in rows.split(16):
-        model.activations(part)
-    results = {"model_forward": args.tokens / (time.perf_counter() - start)}
-
-    results["train_live"] = train_tokens_per_sec(dm, steps=args.tokens // BATCH)
+    hooks = [f"model.layers.{layer}" for layer in args.hooks]
+    loads = [os.getloadavg()[0]]
+    batches = args.tokens // BATCH - 1
+    dm = data_module([hook], args)
+    results = {"model_forward": forward_tokens_per_sec(dm, args.tokens, args.model_batch_size)}
+    loads.append(os.getloadavg()[0])
+    sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
+    breakdown = {}
+    results["train_live"], breakdown["train_live"] = train_tokens_per_sec(dm, sae, batches)
+    loads.append(os.getloadavg()[0])
+    multi_dm = data_module(hooks, args)
+    results["model_forward_4_hooks"] = forward_tokens_per_sec(
+        multi_dm, args.tokens, args.model_batch_size
+    )
+    loads.append(os.getloadavg()[0])
+    multi = MultiSAEModule(
+        "batchtopk", hooks, d_in=multi_dm.d_in_per_hook, d_sae=4 * dm.d_in, k=32, seed=0
+    )
+    results["train_live_4_hooks"], breakdown["train_live_4_hooks"] = train_tokens_per_sec(
+        multi_dm, multi, batches
+    )
+    loads.append(os.getloadavg()[0])
+    ratios = {
+        f"{name}_{window}": round(results[name][window] / results[forward], 3)
+        for name, forward in (
+            ("train_live", "model_forward"),
+            ("train_live_4_hooks", "model_forward_4_hooks"),
+        )
+        for window in ("whole_fit", "first_to_last_batch")
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = dm.write_cache(Path(tmp) / "cache", args.tokens, holdout_tokens=0)
+        path = dm.write_cache(Path(tmp) / "cache", args.cache_tokens, holdout_tokens=0)
         cached = ActivationDataModule(cache_dir=path, batch_size=BATCH)
         cached.setup("fit")
         n_batches = 200
@@ -87,30 +190,66 @@ def main() -> None:
         for _ in islice(iter(cached.train_dataloader()), n_batches):
             pass
         results["cache_read"] = n_batches * BATCH / (time.perf_counter() - start)
-        results["train_cache"] = train_tokens_per_sec(cached, steps=100)
+        sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
+        results["train_cache"], breakdown["train_cache"] = train_tokens_per_sec(cached, sae, 100)
+    loads.append(os.getloadavg()[0])
+
+    def rounded(value: float | dict) -> float | dict:
+        if isinstance(value, dict):
+            return {key: round(item, 1) for key, item in value.items()}
+        return round(value, 1)
 
     record = {
-        "tokens_per_sec": {k: round(v, 1) for k, v in results.items()},
+        "tokens_per_sec": {name: rounded(value) for name, value in results.items()},
+        "fraction_of_forward": ratios,
+        "fit_seconds": breakdown,
         "setup": {
             "model": "SmolLM2-135M-Instruct (fp32, from the GGUF)",
             "hook": hook,
-            "context_size": 256,
+            "hooks_4": hooks,
+            "context_size": CONTEXT,
             "batch_size": BATCH,
-            "sae": "BatchTopKSAE d_sae=4*d_in k=32",
+            "buffer_tokens": args.buffer_tokens,
+            "model_batch_size": args.model_batch_size,
+            "sae": "BatchTopKSAE d_sae=4*d_in k=32 (four: MultiSAEModule of them)",
             "measured_tokens": args.tokens,
+            "trained_batches": batches,
         },
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "load_average_1min": round(os.getloadavg()[0], 2),
+            "load_average_1min": [round(load, 2) for load in loads],
             "torch": torch.__version__,
             "platform": platform.platform(),
         },
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "data.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["| path | tokens/s |", "| --- | ---: |"]
-    lines += [f"| `{name}` | {value:,.0f} |" for name, value in results.items()]
+    lines = [
+        f"Tokens per second, {args.tokens} tokens per measurement, mixing buffers of "
+        f"{args.buffer_tokens}; 1-min load average {min(loads):.2f}–{max(loads):.2f}. Fits: "
+        "whole fit (the whole `Trainer.fit` call, buffer fills included) and first to last "
+        "batch, as a fraction of the matching model forward.",
+        "",
+        "| path | tokens/s | × forward |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, value in results.items():
+        if isinstance(value, dict):
+            for window, speed in value.items():
+                ratio = ratios.get(f"{name}_{window}", "")
+                lines.append(f"| `{name}` {window} | {speed:,.0f} | {ratio} |")
+        else:
+            lines.append(f"| `{name}` | {value:,.0f} | |")
+    lines += [
+        "",
+        "Where a fit's seconds go (model forward inside the fit, training steps, the rest):",
+        "",
+        "| fit | whole fit s | model forward s | SAE steps s | other s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, seconds in breakdown.items():
+        lines.append(f"| `{name}` | " + " | ".join(str(value) for value in seconds.values()) + " |")
     (RESULTS / "data.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(record, indent=2))
 

@@ -14,7 +14,9 @@ with AuxK (``--dead-fraction`` of the latents dead); ``standard`` and ``gated`` 
 for a trained-like ``L0 ≈ k`` and at initialisation (half the latents active). Also Adam's step
 over the TopK parameters (default for-loop, ``foreach=True``, ``fused=True``) and, for
 ``standard``/``gated``, our step with the sparse path forced on and off by density (the
-crossover behind their ``sparse_density_limit``).
+crossover behind their ``sparse_density_limit``). Last, ``MultiSAEModule`` over 4 hooks
+(``--multi-architecture`` SAEs, one batch per hook) in a real ``Trainer.fit``: a step's wall time
+(training step, backward, Adam, Lightning's loop and logging) in units of 4 encoder products.
 
     python benchmarks/bench_step.py                  # d_in 512, batch 4096, k 32, d_sae 8192 32768
     python benchmarks/bench_step.py --device cuda
@@ -35,11 +37,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import sae_lens
 import torch
+from lightning.pytorch.callbacks import Callback
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 
+from lightning_sae import MultiSAEModule
 from lightning_sae.saes import TRAINING_CLASSES
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dead-fraction", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--architectures", nargs="+", default=list(TRAINING_CLASSES))
+    parser.add_argument("--multi-architecture", default="topk", help="MultiSAEModule row's SAEs")
+    parser.add_argument("--hooks", type=int, default=4, help="MultiSAEModule row's hooks")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
@@ -277,6 +284,64 @@ def measure_crossover(architecture: str, args: argparse.Namespace, d_sae: int) -
     return rows
 
 
+class StepTimes(Callback):
+    """Wall time of each training batch inside ``Trainer.fit``, then of ``unit`` (interleaved).
+
+    A batch's time covers the training step, backward, Adam and Lightning's own work around them.
+    """
+
+    def __init__(self, unit: Callable[[], object], clock: Clock) -> None:
+        self.unit, self.clock = unit, clock
+        self.times: dict[str, list[float]] = {"step": [], "unit": []}
+        self.loads: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times["step"].append(time.perf_counter() - self.start)
+        self.times["unit"].append(self.clock(self.unit))
+        self.loads.append(os.getloadavg()[0])
+
+
+def measure_multi(args: argparse.Namespace, d_sae: int) -> dict:
+    """``MultiSAEModule`` over ``--hooks`` hooks in ``Trainer.fit``, per step, vs the products."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    hooks = [f"blocks.{index}.hook_resid_post" for index in range(args.hooks)]
+    options = {"k": args.k} if args.multi_architecture in TOPK_FAMILY else {}
+    module = MultiSAEModule(args.multi_architecture, hooks, d_in=args.d_in, d_sae=d_sae, **options)
+    batch = {hook: torch.randn(args.batch, args.d_in, device=device) for hook in hooks}
+    steps = args.repeats + 1  # the first step pays Adam's state and the normaliser's estimate
+    loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
+
+    def units() -> None:  # one encoder product per hook
+        for (_, unit), x in zip(module._units(), batch.values(), strict=True):
+            torch.addmm(unit.sae.b_enc, x, unit.sae.W_enc)
+
+    timer = StepTimes(units, Clock(device))
+    trainer = L.Trainer(
+        accelerator=device.type, devices=1, max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[timer],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    step, unit = (min(timer.times[name][1:]) for name in ("step", "unit"))
+    return {
+        "architecture": args.multi_architecture,
+        "case": f"MultiSAEModule, {args.hooks} hooks",
+        "d_sae": d_sae,
+        "unit_ms": round(unit / args.hooks * 1e3, 2),
+        "sae_lens_x": None,
+        "ours_x": round(step / unit, 2),
+        "speed_up": None,
+        "load_1min": [round(load, 2) for load in timer.loads],
+        "sae_lens_peak_copies": None,
+        "ours_peak_copies": None,
+        "l0": None,
+    }
+
+
 def write_markdown(result: dict, path: Path) -> None:
     c = result["config"]
     lines = [
@@ -287,17 +352,24 @@ def write_markdown(result: dict, path: Path) -> None:
         f"(at start {result['load_1min']['start']}).",
         "Peak: the step's memory high-water mark above what it held before, less one set of "
         f"gradients, in copies of one `[B, d_sae]` float32 tensor. AuxK: "
-        f"{c['dead_fraction']:.0%} of the latents dead. L0: ours, active latents per token.",
+        f"{c['dead_fraction']:.0%} of the latents dead. L0: ours, active latents per token. "
+        f"MultiSAEModule: one `Trainer.fit` step over {c['hooks']} hooks, in units of "
+        f"{c['hooks']} encoder products (unit ms: one).",
         "",
         "| architecture | case | d_sae | L0 | unit ms | sae-lens | ours | speed-up "
         "| sae-lens peak | ours peak |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def cell(value: object, unit: str = "") -> str:
+        return "–" if value is None else f"{value}{unit}"
+
     for row in result["rows"]:
         lines.append(
-            f"| {row['architecture']} | {row['case']} | {row['d_sae']} | {row['l0']} "
-            f"| {row['unit_ms']} | {row['sae_lens_x']}× | {row['ours_x']}× | {row['speed_up']}× "
-            f"| {row['sae_lens_peak_copies']} | {row['ours_peak_copies']} |"
+            f"| {row['architecture']} | {row['case']} | {row['d_sae']} | {cell(row['l0'])} "
+            f"| {row['unit_ms']} | {cell(row['sae_lens_x'], '×')} | {row['ours_x']}× "
+            f"| {cell(row['speed_up'], '×')} | {cell(row['sae_lens_peak_copies'])} "
+            f"| {cell(row['ours_peak_copies'])} |"
         )
     lines += [
         "",
@@ -339,6 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
                     active = args.k / d_sae
                 rows.append(measure_row(architecture, label, args, d_sae, active))
                 print(json.dumps(rows[-1]), flush=True)
+        rows.append(measure_multi(args, d_sae))
+        print(json.dumps(rows[-1]), flush=True)
     adam = [measure_adam(args, d_sae) for d_sae in args.d_sae]
     crossover = [
         row

@@ -2,6 +2,12 @@
 
 Schedules step once per optimisation step (``interval="step"``): the default ``"epoch"`` never
 fires in one endless streaming epoch.
+
+Adam is torch's fused kernel wherever the parameters' device has one (CPU and CUDA in torch 2.13),
+else torch's own default (``foreach`` where it exists). Measured by ``benchmarks/bench_step.py``
+(one torch thread, TopK parameters at d_in 512), one Adam step costs 0.013 (d_sae 8192) and 0.016
+(32768) encoder products fused, 0.042/0.075 ``foreach`` and 0.043/0.111 with the default
+for-loop: 3–7 times faster. All three keep the same state, so checkpoints resume across them.
 """
 
 import math
@@ -10,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from lightning_sae.errors import ConfigurationError
 
@@ -103,14 +110,43 @@ class _RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         super().load_state_dict(state_dict)
 
 
+def fastest_adam(param_groups: Sequence[dict[str, Any]]) -> torch.optim.Adam:
+    """``torch.optim.Adam`` over ``param_groups``, fused where the parameters' devices allow it.
+
+    The fused step can unscale fp16 gradients itself, which Lightning then refuses to combine
+    with gradient clipping (and which would make ``MultiSAEModule``'s own per-SAE clipping see
+    scaled gradients): it is marked as not doing so, so the gradient scaler unscales first, as it
+    does for the other variants. A checkpoint keeps its state but not its variant: loading one
+    keeps this optimizer's.
+    """
+    params = [param for group in param_groups for param in group["params"]]
+    fused, _ = _default_to_fused_or_foreach(params, differentiable=False, use_fused=True)
+    optimizer = torch.optim.Adam(list(param_groups), fused=fused or None)
+    optimizer._step_supports_amp_scaling = False
+    optimizer.register_load_state_dict_pre_hook(_keep_variant)
+    return optimizer
+
+
+def _keep_variant(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint's Adam state under this optimizer's ``fused``/``foreach`` choice.
+
+    ``load_state_dict`` otherwise takes every group setting from the checkpoint, so a run saved
+    with another variant (or on another device) would resume with it.
+    """
+    variant = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach")}
+    groups = [{**group, **variant} for group in state_dict["param_groups"]]
+    return {**state_dict, "param_groups": groups}
+
+
 def adam_with_schedules(
     param_groups: Sequence[dict[str, Any]], schedules: Sequence[LRSchedule]
 ) -> dict[str, Any]:
     """One Adam over the parameter groups (one per SAE), each with its own per-step schedule.
 
-    Returns Lightning's ``configure_optimizers`` dictionary.
+    Returns Lightning's ``configure_optimizers`` dictionary. Call it once the parameters are on
+    their device (Lightning's ``configure_optimizers`` is): the Adam variant follows the device.
     """
-    optimizer = torch.optim.Adam(list(param_groups))
+    optimizer = fastest_adam(param_groups)
     scheduler = _RunLambdaLR(optimizer, list(schedules))
     return {
         "optimizer": optimizer,

@@ -212,7 +212,8 @@ class EntryLayout(NamedTuple):
 
 def entry_layout(rows: Tensor, cols: Tensor, bags: Tensor, n_bags: int, n_cols: int) -> EntryLayout:
     """Build an :class:`EntryLayout` (``bags`` must be non-decreasing)."""
-    by_col = cols.argsort()
+    # A stable sort of 32-bit keys: ~1.3 times faster on CPU than ``argsort`` of the int64 ones.
+    by_col = cols.int().sort(stable=True).indices
     return EntryLayout(
         rows, cols, bags, row_offsets(bags, n_bags), by_col, row_offsets(cols[by_col], n_cols)
     )
@@ -284,46 +285,88 @@ class SampledEncoder(torch.autograd.Function):
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_scale, None
 
 
+def sampled_products(grad: Tensor, W_dec: Tensor, layout: EntryLayout) -> Tensor:
+    """``grad[bags[e]] · W_dec[cols[e]]`` for every entry ``e``: the entries' decode gradients.
+
+    A sampled matrix product over the entries' ``[n_bags, d_sae]`` CSR pattern: on CPU in float32
+    and float64 ``torch.sparse.sampled_addmm`` (1.6–1.8 times faster than the per-entry loop of
+    ``embedding_bag``'s backward, measured on 1.2M entries of width 512), elsewhere that
+    backward kernel, given each entry's bag.
+    """
+    grad = grad.contiguous()
+    if grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64):
+        n_bags, d_sae = layout.bag_offsets.shape[0] - 1, W_dec.shape[0]
+        with warnings.catch_warnings():  # torch warns once per process that CSR is "beta"
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            pattern = torch.sparse_csr_tensor(
+                layout.bag_offsets,
+                layout.cols,
+                grad.new_zeros(layout.cols.shape[0]),
+                (n_bags, d_sae),
+                check_invariants=False,
+            )
+        return torch.sparse.sampled_addmm(pattern, grad, W_dec.T, beta=0.0).values()
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad, W_dec, layout.cols, layout.bag_offsets, layout.bags, 0
+    )
+
+
 class SparseDecode(torch.autograd.Function):
     """``out[bag] = Σ_{entries e in bag} weights[e] · W_dec[cols[e]]``: an ``embedding_bag``.
 
-    Backward: the entries' gradients are sampled products ``grad[bag] · W_dec[col]`` (through
-    ``embedding_bag``'s own per-sample-weight backward); ``W_dec``'s is a sum per latent in
-    latent order (:class:`EntryLayout`), several times faster on CPU than ``embedding_bag``'s own
-    weight backward.
+    Backward: the entries' gradients are sampled products ``grad[bag] · W_dec[col]``
+    (:func:`sampled_products`); ``W_dec``'s is a sum per latent in latent order
+    (:class:`EntryLayout`), several times faster on CPU than ``embedding_bag``'s own weight
+    backward.
     """
 
     @staticmethod
     def forward(ctx, weights: Tensor, W_dec: Tensor, layout: EntryLayout) -> Tensor:  # type: ignore[override]
-        """Decode; keep ``embedding_bag``'s graph for the entries' gradients."""
-        with torch.enable_grad():
-            leaf = weights.detach().requires_grad_()
-            out = F.embedding_bag(
-                layout.cols,
-                W_dec.detach(),
-                layout.bag_offsets,
-                mode="sum",
-                per_sample_weights=leaf,
-                include_last_offset=True,
-            )
-        ctx.graph = (leaf, out)
+        """Decode (``embedding_bag`` without an autograd graph of its own)."""
         ctx.layout = layout
-        ctx.save_for_backward(weights)
-        return out.detach()
+        ctx.save_for_backward(weights, W_dec)
+        return F.embedding_bag(
+            layout.cols,
+            W_dec.detach(),
+            layout.bag_offsets,
+            mode="sum",
+            per_sample_weights=weights.detach(),
+            include_last_offset=True,
+        )
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         """Gradients of the entries' weights and of ``W_dec``."""
-        (weights,) = ctx.saved_tensors
-        leaf, out = ctx.graph
+        weights, W_dec = ctx.saved_tensors
+        layout: EntryLayout = ctx.layout
         grad_weights = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            # Retained: the outer graph may be run backward again (retain_graph=True there).
-            (grad_weights,) = torch.autograd.grad(out, leaf, grad, retain_graph=True)
+            grad_weights = sampled_products(grad, W_dec.detach(), layout)
         if ctx.needs_input_grad[1]:
-            layout: EntryLayout = ctx.layout
             grad_W_dec = _latent_sums(layout, layout.bags, grad, weights)
         return grad_weights, grad_W_dec, None
+
+
+class RowNorms(torch.autograd.Function):
+    """``W.norm(dim=-1)`` whose backward is one pass, ``W · (grad / norm)`` (zero rows: zero).
+
+    Autograd's own norm backward makes four passes over ``W``; for the decoder norm of
+    ``rescale_acts_by_decoder_norm`` that costs a fifth of an encoder product at small ``d_sae``.
+    """
+
+    @staticmethod
+    def forward(ctx, W: Tensor) -> Tensor:  # type: ignore[override]
+        """Return the norm of every row of ``W``."""
+        norm = torch.linalg.vector_norm(W, dim=-1)
+        ctx.save_for_backward(W, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        """``W``'s gradient: each row scaled by ``grad / norm`` (0 where the norm is 0)."""
+        W, norm = ctx.saved_tensors
+        scale = torch.where(norm > 0, grad / norm, 0.0)
+        return W * scale.unsqueeze(-1)
 
 
 class DenseEncoder(torch.autograd.Function):

@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from lightning_sae.saes.kernels import (
     Entries,
+    RowNorms,
     SampledEncoder,
     SparseDecode,
     dead_row_topk,
@@ -100,7 +101,7 @@ class SparseTopKTraining:
         batch, d_sae = x.shape[0], cfg.d_sae
         b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
         x_centered = x - self.b_dec.detach() if b_dec is not None else x
-        norm = self.W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else None
+        norm = RowNorms.apply(self.W_dec) if cfg.rescale_acts_by_decoder_norm else None
 
         with torch.no_grad():
             scores = torch.addmm(self.b_enc, x_centered, self.W_enc)

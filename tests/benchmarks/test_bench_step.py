@@ -20,11 +20,15 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path):
         ("batchtopk", "AuxK"),
         ("gated", "L0≈k"),
         ("gated", "init"),
+        ("topk", "MultiSAEModule, 4 hooks"),
     ]
-    for row in result["rows"]:
+    for row in result["rows"][:-1]:
         assert row["sae_lens_x"] > 0 and row["ours_x"] > 0 and row["load_1min"]
+    multi = result["rows"][-1]
+    assert multi["ours_x"] > 0 and multi["load_1min"] and multi["sae_lens_x"] is None
     assert [row["l0"] for row in result["rows"]][:2] == [4.0, 4.0]  # k = 4 in quick mode
     assert set(result["adam"][0]) == {"d_sae", "default", "foreach", "fused"}
     assert [row["density"] for row in result["crossover"]] == [0.02, 0.05, 0.1, 0.2]
     table = (tmp_path / "step.md").read_text()
     assert "| batchtopk | AuxK | 256 |" in table and "load average" in table
+    assert "| topk | MultiSAEModule, 4 hooks | 256 | – |" in table

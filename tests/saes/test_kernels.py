@@ -1,13 +1,18 @@
 """Selection kernels: exact batch top-k with its saturation check, and merges across shards."""
 
+import pytest
 import torch
 
 from lightning_sae.saes.kernels import (
     Candidates,
+    RowNorms,
+    SparseDecode,
     batch_topk_entries,
+    entry_layout,
     merge_row_topk,
     row_candidates,
     row_topk,
+    sampled_products,
     select_batch_topk,
 )
 
@@ -82,3 +87,45 @@ def test_sharded_candidates_merge_to_the_unsharded_result():
     assert saturated.shape == (2, B) and not saturated.any()
     got = densify(scores, gathered.rows[position], gathered.cols[position])
     assert torch.equal(got, reference_batch_topk(scores, total))
+
+
+def _decode_layout(n_bags: int = 6, d_sae: int = 10, per_bag: int = 3):
+    """``per_bag`` distinct latents per bag, unsorted within bags (as AuxK lists them)."""
+    torch.manual_seed(2)
+    cols = torch.stack([torch.randperm(d_sae)[:per_bag] for _ in range(n_bags)]).flatten()
+    bags = torch.arange(n_bags).repeat_interleave(per_bag)
+    return entry_layout(bags, cols, bags, n_bags, d_sae)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sampled_products_are_the_entries_dot_products(dtype):
+    """CPU float32/float64 take ``sampled_addmm``, bfloat16 ``embedding_bag``'s backward kernel."""
+    layout = _decode_layout()
+    grad = torch.randn(6, 5, dtype=dtype)
+    W_dec = torch.randn(10, 5, dtype=dtype)
+    expected = (grad[layout.bags].double() * W_dec[layout.cols].double()).sum(-1)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(
+        sampled_products(grad, W_dec, layout).double(), expected, rtol=tolerance, atol=tolerance
+    )
+
+
+def test_sparse_decode_gradients_are_exact():
+    layout = _decode_layout()
+    weights = torch.randn(layout.cols.shape[0], dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, W: SparseDecode.apply(w, W, layout), (weights, W_dec))
+
+
+def test_row_norms_gradient_is_exact_with_a_zero_row():
+    W = torch.randn(6, 5, dtype=torch.float64)
+    W[2] = 0.0  # autograd's norm gives a zero gradient there too
+    W.requires_grad_()
+    torch.testing.assert_close(RowNorms.apply(W), W.norm(dim=-1))
+    assert torch.autograd.gradcheck(
+        RowNorms.apply, (torch.randn(6, 5, dtype=torch.float64, requires_grad=True),)
+    )
+    weights = torch.randn(6, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((RowNorms.apply(W) * weights).sum(), W)
+    (theirs,) = torch.autograd.grad((W.norm(dim=-1) * weights).sum(), W)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
