@@ -706,8 +706,12 @@ def target_check(args: argparse.Namespace) -> None:
         f"d_sae {d_sae}, batch {batch_size}, {steps} steps, everything else default. Held-out "
         f"L0 {metrics['l0']:.2f} (target {target:g}), explained variance "
         f"{metrics['explained_variance']:.4f}; the {window}-step window mean of the training L0 "
-        f"is within 10% of the target from step {settled} on. Wall time "
-        f"{result['wall_s'] / 60:.1f} min, load average {load_start} at the start, "
+        + (
+            f"is within 10% of the target from step {settled} on"
+            if settled is not None
+            else "is not within 10% of the target at the end"
+        )
+        + f". Wall time {result['wall_s'] / 60:.1f} min, load average {load_start} at the start, "
         f"{result['load_average_end']} at the end."
         "\n\n| step | window L0 |\n|---|---|\n"
         + "".join(f"| {step} | {l0:.2f} |\n" for step, l0 in trace.trace)

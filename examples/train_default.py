@@ -14,7 +14,7 @@ At the end the run prints a summary and writes:
   ``lightning_sae.evaluation.load_model_for_sae`` rebuilds the model for ``HookedSAETransformer``;
 - ``<out>/lightning_logs``: TensorBoard logs.
 
-    python examples/train_default.py [--steps 300] [--out runs/default]
+    python examples/train_default.py [--steps 400] [--out runs/default]
 """
 
 import argparse
@@ -49,7 +49,7 @@ from lightning_sae.evaluation import HTMLReport, LMEvaluation, StepProgressBar  
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimisation steps")
+    parser.add_argument("--steps", type=int, default=400, help="optimisation steps")
     parser.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
     parser.add_argument("--layer", type=int, default=6, help="decoder layer to hook (of 30)")
     parser.add_argument("--d-sae", type=int, default=4608, help="latents (8 x d_in)")
