@@ -25,6 +25,7 @@ from torch import Tensor
 from lightning_sae.callbacks import PeriodicCallback
 from lightning_sae.data.models import HookedModel
 from lightning_sae.data.protocol import EvaluationData, ExportData
+from lightning_sae.errors import ConfigurationError
 from lightning_sae.evaluation.lm import EvaluationSums, evaluation_sums
 from lightning_sae.evaluation.report import (
     HookReport,
@@ -36,6 +37,7 @@ from lightning_sae.io import atomic_write_text
 from lightning_sae.metrics import log10_feature_density
 from lightning_sae.modules import MultiSAEModule, SAEModule, SAEUnit
 from lightning_sae.modules.validation import check_positive_ints
+from lightning_sae.parallel import is_sharded
 
 
 class LMEvaluation(PeriodicCallback):
@@ -103,6 +105,10 @@ class LMEvaluation(PeriodicCallback):
     def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Evaluate (every ``every_n_steps`` steps)."""
         self.evaluate(trainer)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse SAEs sharded over ranks (known only once the strategy has set the model up)."""
+        refuse_sharded(self._saes, type(self).__name__)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Evaluate the final SAEs (unless the last step was just evaluated)."""
@@ -219,6 +225,10 @@ class HTMLReport(Callback):
                 if key in metrics:
                     self.curves.setdefault(key, []).append((self._tokens, float(metrics[key])))
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse SAEs sharded over ranks (known only once the strategy has set the model up)."""
+        refuse_sharded(self._saes, type(self).__name__)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find top-activating contexts while the SAEs are still on the model's device."""
         data = trainer.datamodule
@@ -274,6 +284,21 @@ class HTMLReport(Callback):
         """Restore the curves and the token count."""
         self.curves = {k: [tuple(p) for p in v] for k, v in state_dict["curves"].items()}
         self._tokens = int(state_dict["tokens"])
+
+
+def refuse_sharded(saes: Mapping[str, SAEModule | SAEUnit], who: str) -> None:
+    """Raise ``ConfigurationError`` if an SAE is sharded over ranks (latent-parallel or FSDP2).
+
+    Encoding on held-out rows needs the whole SAE on every rank, and the ranks hold different
+    numbers of rows, so a gather there would hang.
+    """
+    sharded = [hook for hook, sae in saes.items() if is_sharded(sae.sae)]
+    if sharded:
+        raise ConfigurationError(
+            f"{who} cannot encode with SAEs sharded over ranks (latent-parallel or FSDP2 on "
+            f"ModelParallelStrategy): {sharded}. Drop the callback from this run and evaluate the "
+            "SAELensExport export in one process (sae_lens.evals.run_evals), or train with DDP."
+        )
 
 
 def sae_modules(

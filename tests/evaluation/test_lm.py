@@ -200,3 +200,23 @@ def test_bad_arguments():
         LMEvaluation(n_rows=0)
     with pytest.raises(ValueError, match="every_n_steps"):
         LMEvaluation(every_n_steps=0)
+
+
+def test_sharded_saes_are_refused_with_the_fix(tmp_path):
+    """LMEvaluation/HTMLReport on an FSDP2-sharded SAE: a clear error, not a DTensor crash."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_sae.errors import ConfigurationError
+    from lightning_sae.evaluation.callback import refuse_sharded
+
+    module = TopKSAE(d_in=8, d_sae=16, k=2)
+    refuse_sharded({"h": module}, "LMEvaluation")  # not sharded: accepted
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        fully_shard(module.unit.sae, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ConfigurationError, match=r"LMEvaluation cannot encode.*\['h'\].*DDP"):
+            refuse_sharded({"h": module}, "LMEvaluation")
+    finally:
+        dist.destroy_process_group()
