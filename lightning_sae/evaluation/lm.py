@@ -148,7 +148,10 @@ def evaluation_sums(
     hooks = list(saes)
     sums = {h: torch.zeros(len(_FIELDS) + hooked.d_in[h], dtype=_F64, device=device) for h in hooks}
     special = torch.tensor(hooked.special_token_ids(), dtype=torch.long, device=device)
-    for rows in tokens.to(device).split(batch_rows):
+    # No forward at all on an empty share (a DDP rank with no row): Hugging Face models refuse
+    # an empty batch, and the rank must still reach the all-reduce.
+    for start in range(0, tokens.shape[0], batch_rows):
+        rows = tokens[start : start + batch_rows].to(device)
         keep = ~torch.isin(rows, special)
         clean = F.log_softmax(model(rows, return_type="logits").float(), dim=-1)
         ce_clean = _masked_sum(_next_token_loss(clean, rows), keep[:, :-1])

@@ -220,3 +220,21 @@ def test_sharded_saes_are_refused_with_the_fix(tmp_path):
             refuse_sharded({"h": module}, "LMEvaluation")
     finally:
         dist.destroy_process_group()
+
+
+def test_an_empty_share_of_rows_runs_no_forward(tokenizer):
+    """A DDP rank holding no held-out row (fewer rows than ranks) sums zeros and reaches the
+    all-reduce: a forward on an empty batch crashed a Hugging Face model there (a hang)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_sae.data.models import load_hooked_model
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    hooked = load_hooked_model(LlamaForCausalLM(config), ["model.layers.1"], tokenizer=tokenizer)
+    sae = TopKSAE(d_in=32, d_sae=64, k=4, seed=0)
+    sums = evaluation_sums(hooked, {"model.layers.1": sae}, torch.zeros(0, 16, dtype=torch.long))
+    assert not sums.sums["model.layers.1"].any()
+    assert all(math.isnan(v) for v in sums.metrics()["model.layers.1"].values())
