@@ -151,12 +151,18 @@ def top_activating_contexts(
 
 
 def _latents(sae: nn.Module, acts: Tensor, keep: Tensor, batch_rows: int) -> Iterator[Tensor]:
-    """Yield the latents ``[rows, context, d_sae]``, ``batch_rows`` at a time, 0 where not kept."""
+    """Yield the latents ``[rows, context, d_sae]``, ``batch_rows`` at a time, 0 where not kept.
+
+    Only kept tokens are encoded: a BatchTopK SAE's batch top-k must not spend its budget on
+    special tokens (as in training and :class:`~lightning_sae.evaluation.LMEvaluation`).
+    """
     parameter = next(sae.parameters())
     for x, kept in zip(acts.split(batch_rows), keep.split(batch_rows), strict=True):
-        latents = sae.encode(x.flatten(0, 1).to(parameter.device, parameter.dtype))
-        latents = latents.reshape(*x.shape[:2], -1)
-        yield latents * kept[..., None].to(latents.device, latents.dtype)
+        kept = kept.to(x.device)
+        latents = sae.encode(x[kept].to(parameter.device, parameter.dtype))
+        out = latents.new_zeros(*x.shape[:2], latents.shape[-1])
+        out[kept.to(out.device)] = latents
+        yield out
 
 
 # ---------------------------------------------------------------------------------- rendering

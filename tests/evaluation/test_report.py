@@ -105,3 +105,21 @@ def test_report_renders_in_a_headless_browser(report, tmp_path):
     for rgb in (LINE_RGB, HIGHLIGHT_RGB):
         close = ((pixels - torch.tensor(rgb)).abs() <= 40).all(-1).sum()
         assert close > 50, f"colour {rgb} is missing from the screenshot"
+
+
+def test_batch_topk_contexts_spend_no_budget_on_special_tokens(model, documents):
+    """The batch top-k runs over the kept tokens only: exactly ``k`` latents per kept token."""
+    from lightning_sae import BatchTopKSAE
+    from lightning_sae.evaluation import top_activating_contexts
+
+    dm = ActivationDataModule(
+        model=model, hook_names=HOOK, dataset=documents, context_size=32, batch_size=128,
+        holdout_documents=6, exclude_special_tokens=True,
+    )  # fmt: skip
+    rows = dm.holdout_token_rows(4)
+    n_kept = int((~torch.isin(rows, torch.tensor(dm.hooked_model.special_token_ids()))).sum())
+    assert n_kept < rows.numel()  # the rows hold special tokens
+    sae = BatchTopKSAE(d_in=32, d_sae=64, k=4, seed=0)
+    latents = top_activating_contexts(dm.hooked_model, {HOOK: sae}, rows, n_latents=64)[HOOK]
+    fired = sum(latent.density for latent in latents) * n_kept
+    assert fired == pytest.approx(4 * n_kept)
