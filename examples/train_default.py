@@ -26,10 +26,6 @@ from pathlib import Path
 
 def quiet() -> None:
     """Silence messages a user cannot act on (before anything imports them)."""
-    # bitsandbytes (imported by transformer-lens) logs this on CPUs with AVX512-BF16 at import.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "gemm_4bit_forward" not in record.getMessage()
-    )
     # Lightning 2.6 builds torch's deprecated LeafSpec in its own pytree helper.
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
     # The modules define validation_step; this run has no validation data.

@@ -5,11 +5,19 @@
 64
 """
 
-from lightning_sae import metrics
-from lightning_sae.callbacks import SAELensExport
-from lightning_sae.data import ActivationDataModule
-from lightning_sae.export import export_to_sae_lens, load_from_sae_lens
-from lightning_sae.modules import (
+import logging
+
+# bitsandbytes (imported by transformer-lens) logs an error at import on CPUs with AVX512-BF16
+# when the optional ``kernels`` package is absent; nothing a user can act on. Before sae-lens.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward" not in record.getMessage()
+)
+
+from lightning_sae import metrics  # noqa: E402
+from lightning_sae.callbacks import SAELensExport  # noqa: E402
+from lightning_sae.data import ActivationDataModule  # noqa: E402
+from lightning_sae.export import export_to_sae_lens, load_from_sae_lens  # noqa: E402
+from lightning_sae.modules import (  # noqa: E402
     ATMSAE,
     BatchTopKSAE,
     GatedSAE,
@@ -20,7 +28,7 @@ from lightning_sae.modules import (
     StandardSAE,
     TopKSAE,
 )
-from lightning_sae.registry import available_architectures, get_module_class, register_architecture
+from lightning_sae.registry import available_architectures, get_module_class, register_architecture  # noqa: E402
 
 __version__ = "0.1.0"
 
