@@ -30,6 +30,13 @@ def loader(activations: torch.Tensor, batch_size: int = 512, shuffle: bool = Fal
     return DataLoader(TensorDataset(activations), batch_size=batch_size, shuffle=shuffle)
 
 
+def tiny_transformer_lens(n_ctx: int) -> dict:
+    """A CLI ``class_path`` entry for a 1-layer transformer-lens model (d_model 16, vocab 64)."""
+    cfg = {"n_layers": 1, "d_model": 16, "n_ctx": n_ctx, "d_head": 4, "n_heads": 4}
+    cfg |= {"d_vocab": 64, "act_fn": "gelu", "seed": 0}
+    return {"class_path": "transformer_lens.HookedTransformer", "init_args": {"cfg": cfg}}
+
+
 def quiet_trainer(**kwargs) -> L.Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar or summary, unless overridden."""
     options = {

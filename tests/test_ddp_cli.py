@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tiny_transformer_lens
 
 from lightning_sae.cli import SAECLI
 
@@ -41,21 +42,7 @@ def config(devices: int) -> dict:
         "class_path": "lightning.pytorch.strategies.DDPStrategy",
         "init_args": {"timeout": "0:03:00", "process_group_backend": "gloo"},
     }
-    tiny_lm = {
-        "class_path": "transformer_lens.HookedTransformer",
-        "init_args": {
-            "cfg": {
-                "n_layers": 1,
-                "d_model": 16,
-                "n_ctx": CONTEXT,
-                "d_head": 4,
-                "n_heads": 4,
-                "d_vocab": 64,
-                "act_fn": "gelu",
-                "seed": 0,
-            }
-        },
-    }
+    tiny_lm = tiny_transformer_lens(CONTEXT)
     return {
         "seed_everything": 0,
         "trainer": {

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import model_parallel as mp
+from helpers import tiny_transformer_lens
 
 from lightning_sae import SAEModule
 
@@ -224,21 +225,7 @@ def example_overrides(root: Path, documents: list[list[int]], devices: int) -> d
     the same stream (the DataModule shards by the strategy's data-parallel rank), so the
     one-process run reads the same documents.
     """
-    tiny_lm = {
-        "class_path": "transformer_lens.HookedTransformer",
-        "init_args": {
-            "cfg": {
-                "n_layers": 1,
-                "d_model": 16,
-                "n_ctx": CONTEXT,
-                "d_head": 4,
-                "n_heads": 4,
-                "d_vocab": 64,
-                "act_fn": "gelu",
-                "seed": 0,
-            }
-        },
-    }
+    tiny_lm = tiny_transformer_lens(CONTEXT)
     return {
         "trainer": {
             "accelerator": "cpu",
