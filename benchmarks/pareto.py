@@ -11,8 +11,8 @@ public API (``StandardSAE(...)``, ``Trainer.fit``), on two data sets:
   (:func:`lightning_sae.metrics.synthetic_absorption`), dead fraction.
 * **smollm2** — SmolLM2-135M residual stream after layer 6 on Shakespeare, written once to an
   activation cache (``ActivationDataModule.write_cache``) and cycled. Metrics: L0, normalised MSE,
-  explained variance, dead fraction, and :func:`language_model_metrics` (CE loss recovered, once
-  the evaluation issue lands).
+  explained variance, dead fraction, and the SAE spliced into SmolLM2 on held-out rows
+  (``lightning_sae.evaluation``: CE loss recovered, KL score).
 
 Sparsity levels: ``k`` for the TopK family, ``target_l0`` for JumpReLU (its controller), and a
 fixed grid of ``l1_coefficient`` for the L1-penalised SAEs (standard, gated, ATM), chosen once to
@@ -73,6 +73,7 @@ from lightning_sae import (
     TopKSAE,
 )
 from lightning_sae.data import shakespeare_documents
+from lightning_sae.evaluation.lm import EvaluationSums, evaluation_sums
 from lightning_sae.io import atomic_write_text
 from lightning_sae.metrics import L0, ExplainedVariance, NormalizedMSE, synthetic_absorption
 
@@ -96,7 +97,11 @@ MODULES: dict[str, type[SAEModule]] = {
     "atm": ATMSAE,
 }
 L1_PENALISED = ("standard", "gated", "atm")
+#: Per-data-set metrics beyond L0, NMSE, EV and dead fraction, as table columns and plots.
+EXTRA_METRICS = ("mcc", "absorption", "ce_loss_recovered", "kl_score")
 EVAL_BATCH = 4096
+#: Held-out token rows (of 256 tokens) the SmolLM2 SAEs are spliced into for CE loss recovered.
+LM_EVAL_ROWS = 8
 
 
 @dataclass
@@ -259,6 +264,9 @@ class SmolLM2Task:
         probe.setup("fit")
         self.statistics = input_statistics(next(iter(probe.train_dataloader())))
         self.threads = threads
+        live = live_datamodule(setting.extra["context_size"], self.hook)
+        self.model, self.lm_rows = live.hooked_model, live.holdout_token_rows(LM_EVAL_ROWS)
+        self.zero_ablated: EvaluationSums | None = None
 
     def datamodule(self, batch_size: int) -> ActivationDataModule:
         return ActivationDataModule(cache_dir=self.cache_dir, batch_size=batch_size, seed=self.seed)
@@ -267,13 +275,24 @@ class SmolLM2Task:
         trainer.fit(module, datamodule=self.datamodule(batch_size or self.setting.batch_size))
 
     def extra_metrics(self, module: SAEModule) -> dict[str, float]:
-        return language_model_metrics(module)
+        """CE loss recovered and KL score of ``module`` spliced in at the hook (held-out rows).
+
+        The zero-ablated forward does not depend on the SAE: run once, its sums are reused.
+        """
+        module.eval()
+        sums = evaluation_sums(
+            self.model, {self.hook: module}, self.lm_rows, zero_ablation=self.zero_ablated is None
+        )
+        self.zero_ablated = self.zero_ablated or sums
+        metrics = sums.with_zero_ablation_of(self.zero_ablated).metrics()[self.hook]
+        return {name: metrics[name] for name in ("ce_loss_recovered", "kl_score")}
 
     def describe(self) -> str:
         return (
             f"SmolLM2-135M-Instruct {self.hook} (residual stream after layer 6) on Shakespeare, "
             f"{self.setting.extra['cache_tokens']:,} cached tokens (context "
-            f"{self.setting.extra['context_size']}) cycled; held-out scenes for evaluation"
+            f"{self.setting.extra['context_size']}) cycled; held-out scenes for evaluation "
+            f"(CE loss recovered and KL score on {self.lm_rows.numel():,} of their tokens)"
         )
 
 
@@ -289,25 +308,22 @@ def ensure_cache(
             return 0.0
         shutil.rmtree(path)  # written for other settings
     start = time.perf_counter()
-    ActivationDataModule(
+    live_datamodule(context_size, hook).write_cache(
+        path, n_tokens=n_tokens, holdout_tokens=holdout_tokens
+    )
+    return time.perf_counter() - start
+
+
+def live_datamodule(context_size: int, hook: str) -> ActivationDataModule:
+    """SmolLM2 on Shakespeare, the last 16 documents held out: what the cache is written from."""
+    return ActivationDataModule(
         model="smollm2-135m",
         hook_names=hook,
         dataset=shakespeare_documents(),
         context_size=context_size,
         exclude_special_tokens=True,
         holdout_documents=16,
-    ).write_cache(path, n_tokens=n_tokens, holdout_tokens=holdout_tokens)
-    return time.perf_counter() - start
-
-
-def language_model_metrics(module: SAEModule) -> dict[str, float]:
-    """LM-level metrics of an SAE spliced into SmolLM2 — the hook for CE loss recovered.
-
-    Empty until the evaluation issue lands ``lightning_sae.evaluation``; then it returns
-    ``{"ce_loss_recovered": ..., "kl_score": ...}`` on held-out tokens and the tables show them.
-    """
-    del module
-    return {}
+    )
 
 
 # ---------------------------------------------------------------------------------------- runs
@@ -525,7 +541,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"at the end (1/5/15 min).{status}",
             "",
         ]
-        extra = [m for m in ("mcc", "absorption") if m in data["runs"][0]]
+        extra = [m for m in EXTRA_METRICS if m in data["runs"][0]]
         header = ["architecture", "setting", "L0", "NMSE", "EV", *extra, "dead", "train s"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in data["runs"]:
@@ -575,7 +591,7 @@ def plot(dataset: str, data: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("nmse", "absorption", "mcc") if m in data["runs"][0]]
+    metrics = [m for m in ("nmse", *EXTRA_METRICS) if m in data["runs"][0]]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for name in ARCHITECTURES:
@@ -622,7 +638,9 @@ def frontier(args: argparse.Namespace) -> None:
     ) in args.datasets:  # built one after the other: the SmolLM2 cache is written when needed
         dataset_start, load_start = time.perf_counter(), load_average()
         task = makers[name]()
-        metrics = ["nmse", "explained_variance"] + (["absorption"] if name == "synthetic" else [])
+        metrics = ["nmse", "explained_variance"] + (
+            ["absorption"] if name == "synthetic" else ["ce_loss_recovered"]
+        )
         records: list[dict[str, Any]] = []
         for architecture, label, kwargs in sweep(task.setting):
             record = {"architecture": architecture, "setting": label}

@@ -86,12 +86,12 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run the 2-rank script once; its outputs serve every test below."""
     out = tmp_path_factory.mktemp("ddp")
     (out / "ddp.yaml").write_text(yaml.safe_dump(config(devices=2)))
-    # Four short fits after two Python start-ups; a hang is caught by DDP's timeout first.
+    # Six short fits after two Python start-ups; a hang is caught by DDP's timeout first.
     result = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), str(out / "ddp.yaml")],
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=600,
         cwd=out,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -103,7 +103,7 @@ def weights(out: Path, run: str, rank: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["full", "half", "resumed", "batchtopk", "atm"])
+@pytest.mark.parametrize("run", ["full", "half", "resumed", "batchtopk", "atm", "jumprelu"])
 def test_weights_identical_on_both_ranks(two_ranks: Path, run: str):
     rank0, rank1 = weights(two_ranks, run, 0), weights(two_ranks, run, 1)
     assert rank0.keys() == rank1.keys()
@@ -126,6 +126,17 @@ def test_atm_importance_emas_identical_and_masking_on_both_ranks(two_ranks: Path
     for name in ("unit.sae.ema_magnitude", "unit.sae.ema_frequency", "unit.sae.ema_contribution"):
         assert torch.equal(states[0][name], states[1][name]), name
         assert states[0][name].abs().sum() > 0, name
+
+
+@pytest.mark.slow
+def test_jumprelu_controller_state_identical_and_acting_on_both_ranks(two_ranks: Path):
+    """The ranks see different batches, so only the averaged controller keeps them together."""
+    states = [weights(two_ranks, "jumprelu", rank) for rank in (0, 1)]
+    names = ("threshold", "previous_threshold", "log_l0_coefficient_scale", "log_threshold_step")
+    for name in (f"unit.sae.{name}" for name in names):
+        assert torch.equal(states[0][name], states[1][name]), name
+    assert states[0]["unit.sae.log_l0_coefficient_scale"] != 0  # the controller acted
+    assert states[0]["unit.sae.log_threshold_step"] != 0
 
 
 @pytest.mark.slow

@@ -45,6 +45,9 @@ class JumpReLUSAE(SAEModule):
         l0_controller_gain: Integral gain of the controller adapting λ toward ``target_l0``
             (0 disables the controller).
         l0_controller_proportional_gain: Its proportional gain, which damps overshoot.
+        l0_controller_threshold_gain: Gain of its common step of all thresholds toward
+            ``target_l0`` (multiplies them by ``exp(gain·log(L0/target_l0))`` every step), which
+            lets them follow the encoder's growing pre-activations (0 disables it).
         jumprelu_threshold_init_from_data: With ``target_l0``, set the thresholds on the first
             training batch so that every latent fires on ``target_l0 / d_sae`` of the tokens.
         **kwargs: Training options of :class:`SAEModule`.
@@ -57,6 +60,7 @@ class JumpReLUSAE(SAEModule):
         *SAEModule.full_precision_tensors,
         "previous_threshold",
         "log_l0_coefficient_scale",
+        "log_threshold_step",
     )
     sae_config_fields: ClassVar[dict[str, str]] = {
         **SAEModule.sae_config_fields,
@@ -70,6 +74,7 @@ class JumpReLUSAE(SAEModule):
         "jumprelu_threshold_lr_scale": "jumprelu_threshold_lr_scale",
         "l0_controller_gain": "l0_controller_gain",
         "l0_controller_proportional_gain": "l0_controller_proportional_gain",
+        "l0_controller_threshold_gain": "l0_controller_threshold_gain",
         "jumprelu_threshold_init_from_data": "jumprelu_threshold_init_from_data",
     }
 
@@ -86,6 +91,7 @@ class JumpReLUSAE(SAEModule):
         jumprelu_threshold_lr_scale: float = 30.0,
         l0_controller_gain: float = 0.02,
         l0_controller_proportional_gain: float = 3.0,
+        l0_controller_threshold_gain: float = 0.05,
         jumprelu_threshold_init_from_data: bool = True,
         **kwargs,
     ) -> None:
@@ -104,6 +110,7 @@ class JumpReLUSAE(SAEModule):
             kwargs |= {
                 "l0_controller_gain": 0.0,
                 "l0_controller_proportional_gain": 0.0,
+                "l0_controller_threshold_gain": 0.0,
                 "jumprelu_threshold_init_from_data": False,
             }
         return kwargs

@@ -73,7 +73,11 @@ MAX_LOG_SCALE = math.log(1e4)
 MAX_L0_RATIO = 10.0
 
 #: Buffers of ours (name → dtype): training state, kept out of inference exports.
-_EXTRA_STATE = {"previous_threshold": torch.float32, "log_l0_coefficient_scale": torch.float64}
+_EXTRA_STATE = {
+    "previous_threshold": torch.float32,
+    "log_l0_coefficient_scale": torch.float64,
+    "log_threshold_step": torch.float64,
+}
 
 
 class JumpReLUWithL0(torch.autograd.Function):
@@ -148,6 +152,9 @@ class AdaptiveJumpReLUTrainingSAEConfig(JumpReLUTrainingSAEConfig):
             the batch L0 follows ``target_l0`` (>= 0; 0 disables the controller; needs
             ``target_l0`` when positive).
         l0_controller_proportional_gain: Its proportional gain (>= 0), which damps overshoot.
+        l0_controller_threshold_gain: Gain of its common threshold step (>= 0): every pass
+            multiplies all thresholds by ``exp(gain·e)``, outside the optimiser, so they follow
+            the encoder's growing pre-activations (needs ``target_l0`` when positive).
         jumprelu_threshold_init_from_data: Set the thresholds from the first training batch so
             that each latent fires on ``target_l0 / d_sae`` of its tokens (needs ``target_l0``).
 
@@ -156,12 +163,18 @@ class AdaptiveJumpReLUTrainingSAEConfig(JumpReLUTrainingSAEConfig):
     jumprelu_threshold_lr_scale: float = 1.0
     l0_controller_gain: float = 0.0
     l0_controller_proportional_gain: float = 0.0
+    l0_controller_threshold_gain: float = 0.0
     jumprelu_threshold_init_from_data: bool = False
 
     @property
     def controlled(self) -> bool:
-        """Whether the controller adapts the L0 coefficient."""
-        return self.l0_controller_gain > 0 or self.l0_controller_proportional_gain > 0
+        """Whether the controller acts (on the L0 coefficient or on all thresholds)."""
+        gains = (
+            self.l0_controller_gain,
+            self.l0_controller_proportional_gain,
+            self.l0_controller_threshold_gain,
+        )
+        return any(gain > 0 for gain in gains)
 
     def __post_init__(self) -> None:
         """Reject out-of-range options before any tensor exists."""
@@ -172,15 +185,19 @@ class AdaptiveJumpReLUTrainingSAEConfig(JumpReLUTrainingSAEConfig):
                 f"jumprelu_threshold_lr_scale must be a number >= 1 (1 trains the threshold at "
                 f"the optimiser's learning rate, as sae-lens does), got {scale!r}."
             )
-        for name in ("l0_controller_gain", "l0_controller_proportional_gain"):
+        for name in (
+            "l0_controller_gain",
+            "l0_controller_proportional_gain",
+            "l0_controller_threshold_gain",
+        ):
             gain = getattr(self, name)
             if isinstance(gain, bool) or not isinstance(gain, int | float) or not gain >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {gain!r}.")
         if (self.controlled or self.jumprelu_threshold_init_from_data) and self.target_l0 is None:
             raise ValueError(
-                "The L0 controller (l0_controller_gain or l0_controller_proportional_gain > 0) "
-                "and jumprelu_threshold_init_from_data need target_l0, the L0 to reach: set "
-                "target_l0, or turn them off."
+                "The L0 controller (l0_controller_gain, l0_controller_proportional_gain or "
+                "l0_controller_threshold_gain > 0) and jumprelu_threshold_init_from_data need "
+                "target_l0, the L0 to reach: set target_l0, or turn them off."
             )
         if self.target_l0 is not None and not 0 < self.target_l0 <= self.d_sae:
             raise ValueError(
@@ -199,17 +216,21 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
     cfg: AdaptiveJumpReLUTrainingSAEConfig  # type: ignore[assignment]
     previous_threshold: Tensor
     log_l0_coefficient_scale: Tensor
+    log_threshold_step: Tensor
 
     #: Buffers the module averages over DDP ranks after every training pass.
-    rank_averaged_state: ClassVar[tuple[str, ...]] = ("log_l0_coefficient_scale",)
+    rank_averaged_state: ClassVar[tuple[str, ...]] = (
+        "log_l0_coefficient_scale",
+        "log_threshold_step",
+    )
 
     def __init__(self, cfg: AdaptiveJumpReLUTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self.register_buffer("previous_threshold", self.threshold.detach().clone())
-        self.register_buffer(
-            "log_l0_coefficient_scale",
-            torch.zeros((), dtype=torch.float64, device=self.threshold.device),
-        )
+        for name in ("log_l0_coefficient_scale", "log_threshold_step"):
+            self.register_buffer(
+                name, torch.zeros((), dtype=torch.float64, device=self.threshold.device)
+            )
 
     @classmethod
     def from_sae_lens(
@@ -252,27 +273,35 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
         threshold = all_reduce_mean(quantile).clamp_min(0.0)
         self.threshold.data.copy_(threshold)
         self.previous_threshold.copy_(self.threshold)
+        self.log_threshold_step.zero_()
 
     @torch.no_grad()
-    def _scale_threshold_step(self) -> None:
-        """Extrapolate the optimiser's last threshold step ``m``-fold, then remember ``θ``."""
+    def _move_thresholds(self) -> None:
+        """Extrapolate the optimiser's last threshold step ``m``-fold, apply the controller's.
+
+        The controller's common step (set by the previous pass) multiplies every threshold by
+        ``exp(threshold_gain·e)``; it is not an optimiser step, so it is never extrapolated.
+        """
         scale = self.cfg.jumprelu_threshold_lr_scale
         threshold = self.threshold.data
         if scale != 1:
             previous = self.previous_threshold
             threshold.copy_(previous + scale * (threshold - previous))
+        if self.cfg.l0_controller_threshold_gain > 0:
+            threshold.mul_(self.log_threshold_step.exp().to(threshold.dtype))
+            self.log_threshold_step.zero_()
         threshold.clamp_(min=0.0)  # sae-lens's projection (θ ≥ 0)
         self.previous_threshold.copy_(threshold)
 
     @torch.no_grad()
     def _controlled_log_scale(self, l0: Tensor) -> Tensor:
-        """Return this pass's log-multiplier of λ (PI control), after one step of its integral.
+        """One controller step; return this pass's log-multiplier of λ.
 
         ``e = log(L0_batch / target_l0)`` (the ratio clipped to [0.1, 10]) from the batch's
-        per-token L0 ``l0``; the integral ``s ← s + gain·e`` (clipped to ±ln 10⁴) carries λ to
-        its equilibrium, and the proportional term ``proportional_gain·e`` of this very batch
-        damps the overshoot the threshold's inertia (Adam's momentum, its bounded step) would
-        otherwise cause.
+        per-token L0 ``l0``. In training mode the integral ``s ← s + gain·e`` (clipped to
+        ±ln 10⁴) steps, carrying λ to its equilibrium, and the next pass's common threshold
+        step is set to ``threshold_gain·e``. The proportional term ``proportional_gain·e`` of
+        this very batch damps the overshoot the thresholds' inertia would otherwise cause.
         """
         cfg = self.cfg
         assert cfg.target_l0 is not None  # checked by the config
@@ -281,6 +310,7 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
         integral = self.log_l0_coefficient_scale
         if self.training:
             integral.add_(cfg.l0_controller_gain * error).clamp_(-MAX_LOG_SCALE, MAX_LOG_SCALE)
+            self.log_threshold_step.copy_(cfg.l0_controller_threshold_gain * error)
         return integral + cfg.l0_controller_proportional_gain * error
 
     def _sparsity_losses(
@@ -323,7 +353,7 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
         outputs and gradients are sae-lens's (a test compares them).
         """
         if self.training:
-            self._scale_threshold_step()
+            self._move_thresholds()
         else:
             self.threshold.data.clamp_(min=0.0)  # sae-lens's projection (θ ≥ 0)
         sae_in = self.process_sae_in(step_input.sae_in)
@@ -394,9 +424,8 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
         if threshold is not None:
             # A threshold loaded from elsewhere is not an optimiser step: never extrapolate it.
             state_dict.setdefault(f"{prefix}previous_threshold", threshold)
-        state_dict.setdefault(
-            f"{prefix}log_l0_coefficient_scale", torch.zeros((), dtype=torch.float64)
-        )
+        for name in ("log_l0_coefficient_scale", "log_threshold_step"):
+            state_dict.setdefault(f"{prefix}{name}", torch.zeros((), dtype=torch.float64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @override

@@ -205,7 +205,41 @@ def test_controller_moves_lambda_toward_the_target_and_is_bounded():
     before = sae.log_l0_coefficient_scale.clone()
     sae.training_forward_pass(step_input(x))
     assert torch.equal(sae.log_l0_coefficient_scale, before)
-    assert AdaptiveJumpReLUTrainingSAE.rank_averaged_state == ("log_l0_coefficient_scale",)
+    assert AdaptiveJumpReLUTrainingSAE.rank_averaged_state == (
+        "log_l0_coefficient_scale",
+        "log_threshold_step",
+    )
+
+
+def test_controller_scales_every_threshold_on_the_next_pass_without_extrapolating_it():
+    """θ ← θ·exp(g·e) at the start of the next training pass; the m-fold scaling skips it."""
+    gain, x = 0.1, torch.randn(64, D_IN)
+    theirs = reference()
+    target = 0.5 * (theirs.encode(x) > 0).sum(-1).float().mean().item()  # e = log 2, unclipped
+    sae = AdaptiveJumpReLUTrainingSAE.from_sae_lens(
+        theirs, target_l0=target, l0_controller_threshold_gain=gain, jumprelu_threshold_lr_scale=5.0
+    )
+    start = sae.threshold.detach().clone()
+    error = batch_error(sae, x, target)
+    torch.testing.assert_close(error.item(), math.log(2.0))
+    sae.training_forward_pass(step_input(x))
+    torch.testing.assert_close(sae.threshold.detach(), start)  # used as it was by this pass
+    torch.testing.assert_close(sae.log_threshold_step, gain * error)
+    sae.training_forward_pass(step_input(x))
+    raised = start * torch.exp(gain * error).float()
+    torch.testing.assert_close(sae.threshold.detach(), raised)
+    torch.testing.assert_close(sae.previous_threshold, raised)  # not an optimiser step
+    second_error = batch_error(sae, x, target)  # what the second pass saw
+    assert second_error < error  # raised thresholds: fewer latents fire
+    assert sae.log_l0_coefficient_scale.item() == 0.0  # the coefficient's gains are 0
+    sae.eval()  # an evaluation pass neither moves the thresholds nor sets a step
+    sae.training_forward_pass(step_input(x))
+    torch.testing.assert_close(sae.threshold.detach(), raised)
+    sae.train()
+    sae.training_forward_pass(step_input(x))
+    torch.testing.assert_close(
+        sae.threshold.detach(), raised * torch.exp(gain * second_error).float()
+    )
 
 
 def test_state_round_trips_and_exports_as_plain_jumprelu(tmp_path):
@@ -245,6 +279,8 @@ def test_training_state_keeps_full_precision():
         ({"l0_controller_proportional_gain": -1.0}, "l0_controller_proportional_gain must be"),
         ({"l0_controller_proportional_gain": 1.0}, "need target_l0"),
         ({"l0_controller_gain": 0.1}, "need target_l0"),
+        ({"l0_controller_threshold_gain": -0.1}, "l0_controller_threshold_gain must be"),
+        ({"l0_controller_threshold_gain": 0.1}, "need target_l0"),
         ({"jumprelu_threshold_init_from_data": True}, "need target_l0"),
         ({"target_l0": 0.0}, "0 < target_l0 <= d_sae"),
         ({"target_l0": D_SAE + 1.0}, "0 < target_l0 <= d_sae"),

@@ -7,7 +7,8 @@ script as rank 1, which then runs the same sequence):
 2. ``half``: the same for 3 steps, with a checkpoint;
 3. ``resumed``: ``--ckpt_path`` of that checkpoint, on to 6 steps;
 4. ``batchtopk``: ``CONFIG`` with ``--model BatchTopKSAE`` for 6 steps;
-5. ``atm``: ``CONFIG`` with ``--model ATMSAE``, masking from step 2, for 6 steps.
+5. ``atm``: ``CONFIG`` with ``--model ATMSAE``, masking from step 2, for 6 steps;
+6. ``jumprelu``: ``CONFIG`` with ``--model JumpReLUSAE`` and a target L0 (its controller on).
 
 Each rank writes its weights after each run to ``OUT_DIR/<run>_rank<r>.pt``. ``CONFIG`` must set
 the strategy to DDP with a short timeout, so that a hang fails in seconds.
@@ -47,6 +48,7 @@ def main(out: Path, config: str) -> None:
     fit(out, "resumed", config, f"--ckpt_path={checkpoint}", "--trainer.logger=false")
     fit(out, "batchtopk", config, "--model=BatchTopKSAE", "--model.init_args.k=4")
     fit(out, "atm", config, "--model=ATMSAE", "--model.init_args.atm_warm_up_steps=2")
+    fit(out, "jumprelu", config, "--model=JumpReLUSAE", "--model.init_args.target_l0=2")
 
 
 if __name__ == "__main__":
