@@ -307,6 +307,8 @@ def ensure_cache(
         if found == (n_tokens, context_size, holdout_tokens):
             return 0.0
         shutil.rmtree(path)  # written for other settings
+    elif (path / "manifest.json").exists():  # this script's cache of the previous format
+        shutil.rmtree(path)
     start = time.perf_counter()
     live_datamodule(context_size, hook).write_cache(
         path, n_tokens=n_tokens, holdout_tokens=holdout_tokens

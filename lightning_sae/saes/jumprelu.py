@@ -15,7 +15,7 @@ synthetic set of issue 10 (96 unit features in 32 dimensions, ~3.8 active per to
   at the equilibrium where the penalty's and the reconstruction's pulls on ``θ`` balance, which
   is never reached.
 
-Three options of :class:`AdaptiveJumpReLUTrainingSAEConfig` fix this; with their config defaults
+Four options of :class:`AdaptiveJumpReLUTrainingSAEConfig` fix this; with their config defaults
 the class trains exactly as sae-lens does (a test compares losses, outputs and gradients):
 
 * ``jumprelu_threshold_lr_scale`` (``m``): ``θ`` learns ``m`` times faster than the other
@@ -33,14 +33,22 @@ the class trains exactly as sae-lens does (a test compares losses, outputs and g
   ``E[L0] = target_l0``, so the requested sparsity is reached without a sweep of ``λ``. The
   proportional term damps the overshoot that the thresholds' inertia (Adam's momentum and bounded
   step) causes under integral control alone.
+* ``l0_controller_threshold_gain`` (with ``target_l0``): the controller's fast part. Every
+  training pass multiplies all thresholds by ``exp(threshold_gain·e)`` (the previous pass's
+  ``e``), outside the optimiser, so the thresholds follow the encoder's pre-activations however
+  fast those grow; the per-latent thresholds still learn from their gradients which latents
+  should fire more or less. Without it the integral of ``λ`` must do all the work and winds up:
+  on cached SmolLM2 activations (target 32, 1,000 steps at batch 4,096) the L0 rose to 163 in
+  the first 50 steps while ``θ`` lagged, ``λ`` grew ×154, and L0 ended at 22, 30% under.
 * ``jumprelu_threshold_init_from_data`` (with ``target_l0``): on the first training batch each
   latent's threshold is set to the quantile of its pre-activations at which it fires on
   ``target_l0 / d_sae`` of the tokens, so training starts at the requested L0 with every latent
   alive.
 
-The controller state ``log_l0_coefficient_scale`` is averaged over DDP ranks after every pass
-(:attr:`~AdaptiveJumpReLUTrainingSAE.rank_averaged_state`); the thresholds (and so ``θ_prev``)
-are identical on every rank already, and the data-driven start averages the ranks' quantiles.
+The controller state (``log_l0_coefficient_scale`` and the pending common threshold step
+``log_threshold_step``) is averaged over DDP ranks after every pass
+(:attr:`~AdaptiveJumpReLUTrainingSAE.rank_averaged_state`), so the thresholds (and ``θ_prev``)
+stay identical on every rank; the data-driven start averages the ranks' quantiles.
 The extra buffers are in training checkpoints and dropped from inference exports, which stay
 sae-lens's built-in ``jumprelu`` (this class is not registered under any name).
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,12 @@ def test_quick_frontier_and_target_check(tmp_path: Path):
         assert len(data["runs"]) == 3 * len(architectures)
         assert (tmp_path / "out" / f"pareto_{dataset}.png").stat().st_size > 0
     assert "absorption" in result["datasets"]["synthetic"]["runs"][0]
+    # The SmolLM2 SAEs spliced into the model: CE loss recovered between zero-ablation and clean.
+    smollm2 = result["datasets"]["smollm2"]
+    for run in smollm2["runs"]:
+        assert math.isfinite(run["ce_loss_recovered"]) and run["ce_loss_recovered"] < 1.0, run
+        assert math.isfinite(run["kl_score"]), run
+    assert "ce_loss_recovered" in smollm2["matched"]
     assert [claim["source"] for claim in result["claims"]] == [
         "BatchTopK paper",
         "JumpReLU paper",
