@@ -108,7 +108,7 @@ class SAECLI(LightningCLI):
             auto_configure_optimizers=False,
             parser_class=SAEArgumentParser,
             args=args,
-            **kwargs,
+            **({"parser_kwargs": {"epilog": CACHE_HELP}} | kwargs),
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -270,6 +270,13 @@ def _init_args(model_config: Any) -> dict[str, Any]:
 
 def _d_in(datamodule: ActivationDataModule) -> int | dict[str, int]:
     return datamodule.d_in if len(datamodule.hook_names) == 1 else datamodule.d_in_per_hook
+
+
+#: The ``cache`` command, which LightningCLI's own subcommand list cannot show.
+CACHE_HELP = (
+    "Also: lightning-sae cache --config CONFIG --path STORE --n_tokens N writes the activation "
+    "store of the config's DataModule (lightning-sae cache --help)."
+)
 
 
 def cache(args: list[str]) -> None:

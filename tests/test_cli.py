@@ -70,6 +70,13 @@ def test_every_architecture_has_an_example():
     assert {path.stem for path in EXAMPLES.glob("*.yaml")} == {*EXPORTED_AS, *SET_UPS}
 
 
+def test_help_names_the_cache_command(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--help"])
+    assert stopped.value.code == 0
+    assert "lightning-sae cache --config CONFIG" in " ".join(capsys.readouterr().out.split())
+
+
 def test_console_script_points_at_main():
     pyproject = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text())
     module, _, function = pyproject["project"]["scripts"]["lightning-sae"].partition(":")
