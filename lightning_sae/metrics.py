@@ -126,7 +126,7 @@ class _ReconstructionMetric(Metric):
                 f"x and x_hat must have the same shape, got {x.shape} and {x_hat.shape}."
             )
         # One float64 copy of x, reused for the error in place, and dot products for the sums of
-        # squares: no [N, d_in] temporaries (a training step updates this on every batch).
+        # squares: one [N, d_in] temporary fewer than three (a training step runs this every batch).
         x = _flatten_tokens(x).to(_F64, memory_format=torch.contiguous_format, copy=True)
         flat = x.view(-1)
         self.sum_x += x.sum(dim=0)
