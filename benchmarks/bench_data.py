@@ -11,9 +11,19 @@ per second:
   (tokenise, forward, mix, SAE step). Two figures each, as fractions of the matching
   ``model_forward``: ``first_to_last_batch`` (the loop, no set-up, no first buffer fill) and
   ``whole_fit`` (the whole ``Trainer.fit`` call, set-up and every buffer fill included: what a
-  run gets; validation off);
+  run gets; validation off). ``model_forward`` is measured right before and right after each fit
+  and the ratios use the mean of the two, so a load change between them shows (both are
+  recorded);
 - ``cache_read``: batches read from an activation cache (safetensors files, shuffled);
 - ``train_cache``: the one-SAE fit reading the cache instead of running the model.
+
+Each fit's seconds are split into the model's forward inside the fit, the SAE steps (training
+step, backward, Adam) and the rest, with its first and median step. ``whole_fit ÷ in-fit
+forward`` divides the whole fit's throughput by the model's own speed inside that fit (tokens
+forwarded ÷ forward seconds): both come from the same window, so other jobs' load changes it less
+than the ratio to the separately measured forward; it still is no quiet-machine figure, because a
+loaded machine slows the SAE steps' many small parallel regions more than the model's large
+products. Every figure has the 1-min load average at its start and end beside it.
 
 SAEs: d_sae ``4 · d_in`` (2304), k 32. The fits cover ``--tokens`` in mixing buffers of
 ``--buffer-tokens``; they stop one batch short of the last buffer's end, so the batch the fit loop
@@ -27,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from itertools import islice
@@ -49,7 +60,7 @@ class FitTimer(Callback):
     """Times a fit's first batch's start to the end, and its training steps."""
 
     def __init__(self) -> None:
-        self.steps = 0.0
+        self.steps: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.step_start = time.perf_counter()
@@ -57,7 +68,7 @@ class FitTimer(Callback):
             self.first_batch = self.step_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps += time.perf_counter() - self.step_start
+        self.steps.append(time.perf_counter() - self.step_start)
 
     def on_train_end(self, trainer, pl_module):
         self.end = time.perf_counter()
@@ -81,12 +92,16 @@ class ForwardTimer:
         del self.model.activations
 
 
-def train_tokens_per_sec(dm: ActivationDataModule, module: L.LightningModule, batches: int) -> dict:
+def train_tokens_per_sec(
+    dm: ActivationDataModule, module: L.LightningModule, batches: int, forwarded_tokens: int = 0
+) -> tuple[dict, dict]:
     """Tokens per second of a ``batches``-step fit: whole fit, first to last batch, breakdown.
 
     The breakdown splits the whole fit's seconds into the model's forward (live source only), the
     training steps (training step, backward, Adam) and the rest (set-up of the loop, batching,
-    mixing, Lightning's own work between steps).
+    mixing, Lightning's own work between steps), and gives the first and the median step. With
+    ``forwarded_tokens`` (the tokens the fit runs the model on), the speed also includes
+    ``in_fit_forward``, the model's own tokens per second inside the fit.
     """
     timer = FitTimer()
     forward = ForwardTimer(dm.hooked_model) if isinstance(dm.source, LiveSource) else None
@@ -109,18 +124,23 @@ def train_tokens_per_sec(dm: ActivationDataModule, module: L.LightningModule, ba
         "whole_fit": batches * BATCH / whole,
         "first_to_last_batch": batches * BATCH / (timer.end - timer.first_batch),
     }
-    seconds = {"whole_fit": whole, "model_forward": model, "sae_steps": timer.steps}
-    seconds["other"] = whole - model - timer.steps
-    return speeds, {name: round(value, 2) for name, value in seconds.items()}
+    if forward is not None and forwarded_tokens:
+        speeds["in_fit_forward"] = forwarded_tokens / model
+    steps = sum(timer.steps)
+    seconds = {"whole_fit": whole, "model_forward": model, "sae_steps": steps}
+    seconds["other"] = whole - model - steps
+    seconds["first_step"] = timer.steps[0]
+    seconds["median_step"] = statistics.median(timer.steps)
+    return speeds, {name: round(value, 3) for name, value in seconds.items()}
 
 
-def forward_tokens_per_sec(dm: ActivationDataModule, tokens: int, model_batch_size: int) -> float:
-    """The hooked model's forward alone over ``tokens`` tokens, as the live source batches it."""
-    model = dm.hooked_model
+def forward_tokens_per_sec(dm: ActivationDataModule, args: argparse.Namespace) -> float:
+    """The hooked model's forward alone over ``--tokens`` tokens, as the live source batches it."""
+    model, tokens = dm.hooked_model, args.tokens
     rows = torch.stack(list(islice(dm.token_rows(), tokens // CONTEXT)))
     model.activations(rows[:2])  # warm-up
     start = time.perf_counter()
-    for part in rows.split(model_batch_size):
+    for part in rows.split(args.model_batch_size):
         model.activations(part)
     return tokens / (time.perf_counter() - start)
 
@@ -151,48 +171,64 @@ def main() -> None:
         parser.error(f"--tokens must be a multiple of --buffer-tokens, itself of {BATCH}")
     hook = f"model.layers.{args.layer}"
     hooks = [f"model.layers.{layer}" for layer in args.hooks]
-    loads = [os.getloadavg()[0]]
     batches = args.tokens // BATCH - 1
+    results: dict[str, float | dict] = {}
+    breakdown: dict[str, dict] = {}
+    loads: dict[str, list[float]] = {}
+
+    def measured(name: str, measure, *arguments):
+        """Run ``measure(*arguments)``, keeping the 1-min load average at its start and end."""
+        start = os.getloadavg()[0]
+        value = measure(*arguments)
+        loads[name] = [round(start, 2), round(os.getloadavg()[0], 2)]
+        return value
+
+    def forward_around_fit(name: str, dm: ActivationDataModule, module: L.LightningModule) -> str:
+        """The forward alone right before and after the fit ``name``; return their mean's name."""
+        forward = "model_forward" + name.removeprefix("train_live")
+        results[forward] = {}  # listed before the fit
+        before = measured(f"{forward}_before", forward_tokens_per_sec, dm, args)
+        results[name], breakdown[name] = measured(
+            name, train_tokens_per_sec, dm, module, batches, args.tokens
+        )
+        after = measured(f"{forward}_after", forward_tokens_per_sec, dm, args)
+        results[forward] |= {"before": before, "after": after, "mean": (before + after) / 2}
+        return forward
+
     dm = data_module([hook], args)
-    results = {"model_forward": forward_tokens_per_sec(dm, args.tokens, args.model_batch_size)}
-    loads.append(os.getloadavg()[0])
     sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
-    breakdown = {}
-    results["train_live"], breakdown["train_live"] = train_tokens_per_sec(dm, sae, batches)
-    loads.append(os.getloadavg()[0])
+    forwards = {"train_live": forward_around_fit("train_live", dm, sae)}
     multi_dm = data_module(hooks, args)
-    results["model_forward_4_hooks"] = forward_tokens_per_sec(
-        multi_dm, args.tokens, args.model_batch_size
-    )
-    loads.append(os.getloadavg()[0])
     multi = MultiSAEModule(
         "batchtopk", hooks, d_in=multi_dm.d_in_per_hook, d_sae=4 * dm.d_in, k=32, seed=0
     )
-    results["train_live_4_hooks"], breakdown["train_live_4_hooks"] = train_tokens_per_sec(
-        multi_dm, multi, batches
-    )
-    loads.append(os.getloadavg()[0])
-    ratios = {
-        f"{name}_{window}": round(results[name][window] / results[forward], 3)
-        for name, forward in (
-            ("train_live", "model_forward"),
-            ("train_live_4_hooks", "model_forward_4_hooks"),
+    forwards["train_live_4_hooks"] = forward_around_fit("train_live_4_hooks", multi_dm, multi)
+    ratios = {}
+    for name, forward in forwards.items():
+        speeds = results[name]
+        for window in ("whole_fit", "first_to_last_batch"):
+            ratios[f"{name}_{window}"] = round(speeds[window] / results[forward]["mean"], 3)
+        ratios[f"{name}_whole_fit_vs_in_fit_forward"] = round(
+            speeds["whole_fit"] / speeds["in_fit_forward"], 3
         )
-        for window in ("whole_fit", "first_to_last_batch")
-    }
 
     with tempfile.TemporaryDirectory() as tmp:
         path = dm.write_cache(Path(tmp) / "cache", args.cache_tokens, holdout_tokens=0)
         cached = ActivationDataModule(cache_dir=path, batch_size=BATCH)
         cached.setup("fit")
         n_batches = 200
-        start = time.perf_counter()
-        for _ in islice(iter(cached.train_dataloader()), n_batches):
-            pass
-        results["cache_read"] = n_batches * BATCH / (time.perf_counter() - start)
+
+        def read() -> float:
+            start = time.perf_counter()
+            for _ in islice(iter(cached.train_dataloader()), n_batches):
+                pass
+            return n_batches * BATCH / (time.perf_counter() - start)
+
+        results["cache_read"] = measured("cache_read", read)
         sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
-        results["train_cache"], breakdown["train_cache"] = train_tokens_per_sec(cached, sae, 100)
-    loads.append(os.getloadavg()[0])
+        results["train_cache"], breakdown["train_cache"] = measured(
+            "train_cache", train_tokens_per_sec, cached, sae, 100
+        )
 
     def rounded(value: float | dict) -> float | dict:
         if isinstance(value, dict):
@@ -218,38 +254,57 @@ def main() -> None:
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "load_average_1min": [round(load, 2) for load in loads],
+            "load_average_1min_start_end": loads,
             "torch": torch.__version__,
             "platform": platform.platform(),
         },
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "data.json").write_text(json.dumps(record, indent=2) + "\n")
+    every_load = [load for pair in loads.values() for load in pair]
     lines = [
         f"Tokens per second, {args.tokens} tokens per measurement, mixing buffers of "
-        f"{args.buffer_tokens}; 1-min load average {min(loads):.2f}–{max(loads):.2f}. Fits: "
+        f"{args.buffer_tokens}, {torch.get_num_threads()} torch threads; 1-min load average "
+        f"{min(every_load):.2f}–{max(every_load):.2f} (each figure's start–end beside it). Fits: "
         "whole fit (the whole `Trainer.fit` call, buffer fills included) and first to last "
-        "batch, as a fraction of the matching model forward.",
+        "batch, as a fraction of the matching model forward (the mean of the forward-only "
+        "figures right before and after the fit), and the whole fit as a fraction of the "
+        "model's own speed inside that fit.",
         "",
-        "| path | tokens/s | × forward |",
-        "| --- | ---: | ---: |",
+        "| path | tokens/s | × forward | load |",
+        "| --- | ---: | ---: | ---: |",
     ]
+
+    def load_of(name: str) -> str:
+        start, end = loads[name]
+        return f"{start:.2f}–{end:.2f}"
+
     for name, value in results.items():
-        if isinstance(value, dict):
+        if name.startswith("model_forward"):
+            for when in ("before", "after"):
+                load = load_of(f"{name}_{when}")
+                lines.append(f"| `{name}` {when} the fit | {value[when]:,.0f} | | {load} |")
+        elif isinstance(value, dict):
             for window, speed in value.items():
                 ratio = ratios.get(f"{name}_{window}", "")
-                lines.append(f"| `{name}` {window} | {speed:,.0f} | {ratio} |")
+                if window == "in_fit_forward":
+                    window = "model forward inside the fit"
+                    ratio = f"whole fit: {ratios[f'{name}_whole_fit_vs_in_fit_forward']}"
+                lines.append(f"| `{name}` {window} | {speed:,.0f} | {ratio} | {load_of(name)} |")
         else:
-            lines.append(f"| `{name}` | {value:,.0f} | |")
+            lines.append(f"| `{name}` | {value:,.0f} | | {load_of(name)} |")
     lines += [
         "",
-        "Where a fit's seconds go (model forward inside the fit, training steps, the rest):",
+        "Where a fit's seconds go (model forward inside the fit, training steps, the rest; the "
+        "first and the median step):",
         "",
-        "| fit | whole fit s | model forward s | SAE steps s | other s |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| fit | whole fit s | model forward s | SAE steps s | other s | first step s "
+        "| median step s | load |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, seconds in breakdown.items():
-        lines.append(f"| `{name}` | " + " | ".join(str(value) for value in seconds.values()) + " |")
+        cells = " | ".join(str(value) for value in seconds.values())
+        lines.append(f"| `{name}` | {cells} | {load_of(name)} |")
     (RESULTS / "data.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(record, indent=2))
 

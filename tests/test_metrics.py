@@ -62,6 +62,22 @@ def test_batches_accumulate_to_the_dataset_value():
     assert parts.compute().item() == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("metric", [ExplainedVariance(3), NormalizedMSE(3)])
+def test_reconstruction_update_leaves_its_inputs_alone(metric):
+    # float64 (no cast, so a careless in-place error would overwrite x) and a transposed view
+    x = torch.arange(12.0, dtype=torch.float64).reshape(3, 4).T
+    x_hat = x + 0.5
+    before = x.clone()
+    metric.update(x, x_hat)
+    assert torch.equal(x, before)
+    error, squares = 12 * 0.25, (before**2).sum().item()
+    if isinstance(metric, NormalizedMSE):
+        assert metric.compute().item() == pytest.approx(error / squares, rel=1e-12)
+    else:
+        total = ((before - before.mean(0)) ** 2).sum().item()
+        assert metric.compute().item() == pytest.approx(1 - error / total, rel=1e-12)
+
+
 def test_collection_routes_keyword_arguments():
     collection = MetricCollection(
         {"l0": L0(), "ev": ExplainedVariance(2), "nmse": NormalizedMSE(2)}
