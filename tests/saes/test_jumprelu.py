@@ -212,12 +212,13 @@ def test_controller_moves_lambda_toward_the_target_and_is_bounded():
 
 
 def test_controller_scales_every_threshold_on_the_next_pass_without_extrapolating_it():
-    """θ ← θ·exp(g·e) at the start of the next training pass; the m-fold scaling skips it."""
-    gain, x = 0.1, torch.randn(64, D_IN)
+    """θ ← (θ_prev + m·δ)·exp(g·e) at the start of the next training pass (δ the optimiser's
+    step): the optimiser's step is extrapolated m-fold, the controller's common step is not."""
+    gain, m, x = 0.1, 5.0, torch.randn(64, D_IN)
     theirs = reference()
     target = 0.5 * (theirs.encode(x) > 0).sum(-1).float().mean().item()  # e = log 2, unclipped
     sae = AdaptiveJumpReLUTrainingSAE.from_sae_lens(
-        theirs, target_l0=target, l0_controller_threshold_gain=gain, jumprelu_threshold_lr_scale=5.0
+        theirs, target_l0=target, l0_controller_threshold_gain=gain, jumprelu_threshold_lr_scale=m
     )
     start = sae.threshold.detach().clone()
     error = batch_error(sae, x, target)
@@ -225,8 +226,11 @@ def test_controller_scales_every_threshold_on_the_next_pass_without_extrapolatin
     sae.training_forward_pass(step_input(x))
     torch.testing.assert_close(sae.threshold.detach(), start)  # used as it was by this pass
     torch.testing.assert_close(sae.log_threshold_step, gain * error)
+    delta = torch.linspace(0.0, 0.02, D_SAE)
+    with torch.no_grad():
+        sae.threshold.add_(delta)  # as if the optimiser had moved it
     sae.training_forward_pass(step_input(x))
-    raised = start * torch.exp(gain * error).float()
+    raised = (start + m * delta) * torch.exp(gain * error).float()
     torch.testing.assert_close(sae.threshold.detach(), raised)
     torch.testing.assert_close(sae.previous_threshold, raised)  # not an optimiser step
     second_error = batch_error(sae, x, target)  # what the second pass saw
@@ -244,12 +248,18 @@ def test_controller_scales_every_threshold_on_the_next_pass_without_extrapolatin
 
 def test_state_round_trips_and_exports_as_plain_jumprelu(tmp_path):
     sae = AdaptiveJumpReLUTrainingSAE.from_sae_lens(
-        reference(), target_l0=4.0, l0_controller_gain=0.1, jumprelu_threshold_lr_scale=3.0
+        reference(),
+        target_l0=4.0,
+        l0_controller_gain=0.1,
+        l0_controller_threshold_gain=0.1,
+        jumprelu_threshold_lr_scale=3.0,
     )
     sae.training_forward_pass(step_input(torch.randn(32, D_IN)))
     again = AdaptiveJumpReLUTrainingSAE(copy.deepcopy(sae.cfg))
     again.load_state_dict(sae.state_dict())  # a training checkpoint keeps our buffers
-    assert torch.equal(again.log_l0_coefficient_scale, sae.log_l0_coefficient_scale)
+    for name in ("previous_threshold", "log_l0_coefficient_scale", "log_threshold_step"):
+        assert getattr(sae, name).any(), name  # a real state, not the defaults
+        assert torch.equal(getattr(again, name), getattr(sae, name)), name
 
     sae.save_inference_model(tmp_path)
     from sae_lens import SAE
@@ -261,14 +271,14 @@ def test_state_round_trips_and_exports_as_plain_jumprelu(tmp_path):
     fresh = AdaptiveJumpReLUTrainingSAE(copy.deepcopy(sae.cfg))
     fresh.load_state_dict(loaded.state_dict())
     torch.testing.assert_close(fresh.previous_threshold, loaded.threshold.detach())
-    assert fresh.log_l0_coefficient_scale.item() == 0.0
+    assert fresh.log_l0_coefficient_scale.item() == fresh.log_threshold_step.item() == 0.0
 
 
 def test_training_state_keeps_full_precision():
     sae = AdaptiveJumpReLUTrainingSAE.from_sae_lens(reference())
     sae.to(torch.bfloat16)
     assert sae.threshold.dtype == sae.previous_threshold.dtype == torch.float32
-    assert sae.log_l0_coefficient_scale.dtype == torch.float64
+    assert sae.log_l0_coefficient_scale.dtype == sae.log_threshold_step.dtype == torch.float64
 
 
 @pytest.mark.parametrize(
