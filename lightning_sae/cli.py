@@ -100,6 +100,7 @@ class SAECLI(LightningCLI):
     """
 
     def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
+        parser_kwargs = {"epilog": CACHE_HELP} | (kwargs.pop("parser_kwargs", None) or {})
         super().__init__(
             None,  # any LightningModule: the SAE modules and MultiSAEModule
             ActivationDataModule,
@@ -108,7 +109,8 @@ class SAECLI(LightningCLI):
             auto_configure_optimizers=False,
             parser_class=SAEArgumentParser,
             args=args,
-            **({"parser_kwargs": {"epilog": CACHE_HELP}} | kwargs),
+            parser_kwargs=parser_kwargs,
+            **kwargs,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

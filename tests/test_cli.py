@@ -19,7 +19,7 @@ import torch
 import yaml
 from sae_lens import SAE
 
-from lightning_sae.cli import main
+from lightning_sae.cli import SAECLI, main
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 #: Examples of other set-ups, tested in their own files (multi-hook here, latent-parallel in
@@ -70,9 +70,14 @@ def test_every_architecture_has_an_example():
     assert {path.stem for path in EXAMPLES.glob("*.yaml")} == {*EXPORTED_AS, *SET_UPS}
 
 
-def test_help_names_the_cache_command(capsys):
+@pytest.mark.parametrize(
+    "command",
+    [lambda: main(["--help"]), lambda: SAECLI(args=["--help"], parser_kwargs={"env_prefix": "X"})],
+    ids=["main", "SAECLI with parser_kwargs"],
+)
+def test_help_names_the_cache_command(capsys, command):
     with pytest.raises(SystemExit) as stopped:
-        main(["--help"])
+        command()
     assert stopped.value.code == 0
     assert "lightning-sae cache --config CONFIG" in " ".join(capsys.readouterr().out.split())
 
