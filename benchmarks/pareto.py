@@ -20,7 +20,8 @@ span the same L0 range. Matched-L0 comparisons interpolate each architecture's m
 ``log L0`` between its two neighbouring runs, only inside the L0 range it covered (no
 extrapolation; a level within ``RANGE_TOLERANCE``, 5%, beyond its end run takes that run's
 value). Everything is evaluated on held-out tokens with inference-mode ``module.encode``
-(BatchTopK and Matryoshka: the batch top-k over evaluation batches of 4,096 tokens).
+(BatchTopK and Matryoshka: the batch top-k over evaluation batches of 4,096 tokens; spliced into
+SmolLM2, over the non-special tokens of each 4-row batch of the language-model evaluation).
 
 Also run: the target-L0 check of issue 10 (``JumpReLUSAE(target_l0=32)`` on the SmolLM2 cache at
 d_sae 4×576, batch 4,096, 1,000 steps), with ``--target-check``; it takes about as long as the
@@ -317,7 +318,7 @@ def ensure_cache(
 
 
 def live_datamodule(context_size: int, hook: str) -> ActivationDataModule:
-    """SmolLM2 on Shakespeare, the last 16 documents held out: what the cache is written from."""
+    """SmolLM2 on Shakespeare, the first 16 documents held out: what the cache is written from."""
     return ActivationDataModule(
         model="smollm2-135m",
         hook_names=hook,

@@ -25,9 +25,9 @@ class JumpReLUSAE(SAEModule):
     under any precision. The training SAE is
     :class:`~lightning_sae.saes.jumprelu.AdaptiveJumpReLUTrainingSAE` (sae-lens's, plus the
     options below); exports are sae-lens ``jumprelu`` folders. ``target_l0`` makes the sparsity a
-    setting: the thresholds start at the requested L0 and a controller adapts the L0 coefficient
-    to keep it there. ``jumprelu_threshold_lr_scale=1`` without ``target_l0`` trains exactly as
-    sae-lens does.
+    setting: the thresholds start at the requested L0 and a controller keeps it there (it adapts
+    the L0 coefficient and scales all thresholds together). ``jumprelu_threshold_lr_scale=1``
+    without ``target_l0`` trains exactly as sae-lens does.
 
     Args:
         d_in: Width of the activations.
@@ -46,8 +46,9 @@ class JumpReLUSAE(SAEModule):
             (0 disables the controller).
         l0_controller_proportional_gain: Its proportional gain, which damps overshoot.
         l0_controller_threshold_gain: Gain of its common step of all thresholds toward
-            ``target_l0`` (multiplies them by ``exp(gain·log(L0/target_l0))`` every step), which
-            lets them follow the encoder's growing pre-activations (0 disables it).
+            ``target_l0`` (every training pass multiplies them by ``exp(gain·log(L0/target_l0))``
+            of the previous pass, the ratio clipped to [0.1, 10]), which lets them follow the
+            encoder's growing pre-activations (0 disables it).
         jumprelu_threshold_init_from_data: With ``target_l0``, set the thresholds on the first
             training batch so that every latent fires on ``target_l0 / d_sae`` of the tokens.
         **kwargs: Training options of :class:`SAEModule`.

@@ -357,7 +357,8 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """sae-lens's training pass, fused: one element-wise pass gives latents and L0.
 
-        In training mode the threshold's last step is first scaled ``m``-fold. The loss terms,
+        In training mode the thresholds move first (:meth:`_move_thresholds`: the optimiser's
+        last step scaled ``m``-fold, then the controller's pending common step). The loss terms,
         outputs and gradients are sae-lens's (a test compares them).
         """
         if self.training:
