@@ -301,6 +301,21 @@ def test_invalid_options_fail_at_construction(kwargs, match):
         AdaptiveJumpReLUTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, **kwargs)
 
 
+def test_module_passes_the_controller_options_and_turns_them_off_without_a_target():
+    options = {
+        "jumprelu_threshold_lr_scale": 7.0,
+        "l0_controller_gain": 0.3,
+        "l0_controller_proportional_gain": 2.0,
+        "l0_controller_threshold_gain": 0.2,
+        "jumprelu_threshold_init_from_data": True,
+    }
+    controlled = JumpReLUSAE(d_in=D_IN, d_sae=D_SAE, target_l0=4.0, **options).sae.cfg
+    assert {name: getattr(controlled, name) for name in options} == options
+    plain = JumpReLUSAE(d_in=D_IN, d_sae=D_SAE, **options).sae.cfg
+    assert plain.jumprelu_threshold_lr_scale == 7.0
+    assert not plain.controlled and not plain.jumprelu_threshold_init_from_data
+
+
 # ---------------------------------------------------------------------------- through Trainer.fit
 class IssueSet(IterableDataset):
     """Endless batches of issue 10's synthetic set (a fixed feature dictionary and seed)."""
