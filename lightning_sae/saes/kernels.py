@@ -14,7 +14,8 @@ index) and ``cols`` (latent index) of the few non-zero latents. After one dense 
   :func:`row_candidates` → :func:`select_batch_topk` → :func:`extend_candidates` where the
   exactness check fails), :func:`dead_row_topk` (AuxK), :func:`positive_entries` (ReLU);
 * :class:`DenseEncoder`: the dense encoder product for the Standard/Gated dense paths, whose
-  backward skips the input gradient.
+  backward skips the input gradient;
+* :func:`threshold_decode`: JumpReLU's decoder, sparse over the entries its backward reads.
 
 Sharding: a rank holding latents ``[offset, offset + d_local)`` calls :func:`row_topk` or
 :func:`row_candidates` with ``column_offset=offset``; the candidates of all ranks (values, rows,
@@ -397,6 +398,45 @@ class DenseEncoder(torch.autograd.Function):
         if ctx.has_b_dec and ctx.needs_input_grad[3]:
             grad_b_dec = -(W_enc @ grad_sum)
         return None, grad_W_enc, grad_b_enc, grad_b_dec
+
+
+#: Largest fraction of a JumpReLU step's entries in its gradient band for which
+#: :func:`threshold_decode` decodes sparsely (measured crossover, ``benchmarks/bench_step.py``).
+THRESHOLD_DECODE_DENSITY_LIMIT = 0.1
+
+
+def threshold_decode(
+    feature_acts: Tensor,
+    hidden_pre: Tensor,
+    threshold: Tensor,
+    bandwidth: float,
+    W_dec: Tensor,
+    b_dec: Tensor,
+) -> Tensor:
+    """``feature_acts @ W_dec + b_dec`` of JumpReLU latents ``[B, d_sae]``; sparse when that pays.
+
+    JumpReLU's backward reads ``feature_acts``' gradient only where a latent is active
+    (``π > θ``) or within the threshold's kernel (``|π − θ| < ε/2``). Where at most
+    ``THRESHOLD_DECODE_DENSITY_LIMIT`` of the entries lie in the band ``π > θ − ε`` (half a
+    bandwidth beyond the kernel, far above rounding), the decode is a :class:`SparseDecode` over
+    those entries: ``W_dec``'s and ``b_dec``'s gradients and the band's entries' gradients are
+    the dense decode's; the others get 0, which that backward multiplies by 0 anyway. Otherwise,
+    or for inputs of another dtype than ``W_dec`` (autocast), the decode is dense. The density is
+    read on the host (free on CPU; on CUDA one synchronisation).
+    """
+    with torch.no_grad():
+        band = hidden_pre > threshold - bandwidth
+        sparse = (
+            feature_acts.dtype == W_dec.dtype
+            and int(band.sum()) <= THRESHOLD_DECODE_DENSITY_LIMIT * band.numel()
+        )
+        if sparse:
+            rows, cols = band.nonzero().unbind(dim=1)
+            batch, d_sae = band.shape
+            layout = entry_layout(rows, cols, rows, batch, d_sae)
+    if not sparse:
+        return feature_acts @ W_dec + b_dec
+    return SparseDecode.apply(feature_acts[rows, cols], W_dec, layout) + b_dec
 
 
 def positive_entries(pre: Tensor) -> Entries:
