@@ -450,17 +450,15 @@ def cases(architecture: str, args: argparse.Namespace) -> list[tuple[str, float 
 
 
 def merge(new: list[dict], old: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
-    """``old``'s entries that ``new`` does not replace (same ``key``), then ``new``'s."""
-    replaced = {key(entry) for entry in new}
-    return [entry for entry in old if key(entry) not in replaced] + new
+    """``old`` with each entry replaced by ``new``'s of the same ``key``, then ``new``'s others."""
+    fresh = {key(entry): entry for entry in new}
+    merged = [fresh.pop(key(entry), entry) for entry in old]
+    return merged + list(fresh.values())
 
 
-def row_order(row: dict) -> tuple:
-    """Rows by ``d_sae``, then architecture (MultiSAEModule last), then case."""
-    multi = row["case"].startswith("MultiSAEModule")
-    labels = ("no dead", "AuxK", "L0≈k", "init")
-    case = labels.index(row["case"]) if row["case"] in labels else len(labels)
-    return row["d_sae"], multi, ARCHITECTURES.index(row["architecture"]), case
+def row_order(row: dict) -> tuple[int, bool]:
+    """Rows by ``d_sae``, the MultiSAEModule row last (a stable sort keeps the rest in order)."""
+    return row["d_sae"], row["case"].startswith("MultiSAEModule")
 
 
 def previous_result(args: argparse.Namespace) -> dict | None:
@@ -502,8 +500,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     adam = sorted(merge(adam, old["adam"], itemgetter("d_sae")), key=itemgetter("d_sae"))
     crossover = merge(crossover, old["crossover"], itemgetter("architecture", "d_sae", "density"))
-    crossover.sort(key=itemgetter("d_sae", "density"))
-    crossover.sort(key=lambda row: CROSSOVER.index(row["architecture"]))
     loads = [load for row in rows for load in row["load_1min"]]
     config = {
         key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
