@@ -9,12 +9,15 @@ busy machine slows all three alike; quote the ratios, with the load average reco
 Peak memory is the step's high-water mark above the memory held before it, less one set of
 gradients, in copies of one ``[B, d_sae]`` float32 tensor (CPU: process RSS; CUDA: allocator).
 
-Rows: ``topk``, ``batchtopk``, ``matryoshka_batchtopk`` (widths d/8, d/4, d/2, d) without and
-with AuxK (``--dead-fraction`` of the latents dead); ``standard`` and ``gated`` with biases set
-for a trained-like ``L0 ≈ k`` and at initialisation (half the latents active). Also Adam's step
-over the TopK parameters (default for-loop, ``foreach=True``, ``fused=True``) and, for
-``standard``/``gated``, our step with the sparse path forced on and off by density (the
-crossover behind their ``sparse_density_limit``). Last, ``MultiSAEModule`` over 4 hooks
+Ours is the training class our module for the architecture trains (``SAEModule.sae_classes``:
+``jumprelu`` is ``AdaptiveJumpReLUTrainingSAE`` at its sae-lens defaults). Rows: ``topk``,
+``batchtopk``, ``matryoshka_batchtopk`` (widths d/8, d/4, d/2, d) without and with AuxK
+(``--dead-fraction`` of the latents dead); ``standard`` and ``gated`` with biases set for a
+trained-like ``L0 ≈ k`` and at initialisation (half the latents active); ``jumprelu`` with its
+thresholds set for ``L0 ≈ k`` and at initialisation (sae-lens's initial threshold). Also Adam's
+step over the TopK parameters (default for-loop, ``foreach=True``, ``fused=True``) and, for
+``standard``/``gated``/``jumprelu``, our step with the sparse path forced on and off by density
+(the crossover behind their density limits). Last, ``MultiSAEModule`` over 4 hooks
 (``--multi-architecture`` SAEs, one batch per hook) in a real ``Trainer.fit``: a step's wall time
 (training step, backward, Adam, Lightning's loop and logging) in units of 4 encoder products.
 
@@ -22,12 +25,15 @@ crossover behind their ``sparse_density_limit``). Last, ``MultiSAEModule`` over 
     python benchmarks/bench_step.py --device cuda
     python benchmarks/bench_step.py --quick          # tiny sizes, seconds (smoke test)
     python benchmarks/bench_step.py --threads 1      # steadier on a shared, busy machine
+    python benchmarks/bench_step.py --threads 1 --architectures jumprelu topk  # those rows only
 
-Writes ``benchmarks/results/step.json`` and ``step.md`` (``--out`` to change the folder).
+Writes ``benchmarks/results/step.json`` and ``step.md`` (``--out`` to change the folder),
+atomically. Rows, Adam and crossover figures of a run replace those of the same architecture,
+case and ``d_sae`` already there; the others stay (each row keeps its own load averages), unless
+the sizes (``--d-in``, ``--batch``, ``--k``, ...) differ from the file's: then it starts afresh.
 """
 
 import argparse
-import copy
 import ctypes
 import gc
 import json
@@ -35,6 +41,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from operator import itemgetter
 from pathlib import Path
 
 import lightning as L
@@ -45,10 +52,15 @@ from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 
 from lightning_sae import MultiSAEModule
-from lightning_sae.saes import TRAINING_CLASSES
+from lightning_sae.io import atomic_write_text
+from lightning_sae.registry import get_module_class
+from lightning_sae.saes import kernels
 
 RESULTS = Path(__file__).parent / "results"
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
+ARCHITECTURES = ("standard", "jumprelu", "gated", *TOPK_FAMILY)
+#: Settings that make figures comparable: a run merges into a result file only if they match.
+SIZES = ("device", "d_in", "batch", "k", "dead_fraction", "repeats", "threads")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--dead-fraction", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--architectures", nargs="+", default=list(TRAINING_CLASSES))
+    parser.add_argument(
+        "--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES,
+        help="rows to measure (the others already in the result files stay)",
+    )  # fmt: skip
     parser.add_argument("--multi-architecture", default="topk", help="MultiSAEModule row's SAEs")
     parser.add_argument("--hooks", type=int, default=4, help="MultiSAEModule row's hooks")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -117,8 +132,14 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     return _rss_bytes("VmHWM:") - before
 
 
-def build_config(architecture: str, args: argparse.Namespace, d_sae: int):
-    _, config_class = get_sae_training_class(architecture)
+def ours_classes(architecture: str) -> tuple[type[TrainingSAE], type]:
+    """The training SAE class (and its config class) our module for ``architecture`` trains."""
+    return get_module_class(architecture).sae_classes()
+
+
+def build_config(architecture: str, args: argparse.Namespace, d_sae: int, config_class=None):
+    """sae-lens's training config of ``architecture`` (or ``config_class``, ours) for a row."""
+    config_class = config_class or get_sae_training_class(architecture)[1]
     options: dict[str, object] = {"d_in": args.d_in, "d_sae": d_sae, "device": args.device}
     if architecture in TOPK_FAMILY:
         options["k"] = args.k
@@ -129,11 +150,29 @@ def build_config(architecture: str, args: argparse.Namespace, d_sae: int):
 
 @torch.no_grad()
 def set_density(sae: TrainingSAE, x: torch.Tensor, active: float) -> None:
-    """Shift the (gate) encoder bias so that a fraction ``active`` of the latents fire on ``x``."""
+    """Make a fraction ``active`` of the latents fire on ``x``.
+
+    Shifts the (gate) encoder bias; JumpReLU: sets every threshold to that quantile instead.
+    """
     bias = sae.b_gate if hasattr(sae, "b_gate") else sae.b_enc
     pre = (x - sae.b_dec) @ sae.W_enc + bias
     sample = pre.flatten()[torch.randint(pre.numel(), (1_000_000,), device=pre.device)]
-    bias -= torch.quantile(sample, 1.0 - active)
+    quantile = torch.quantile(sample, 1.0 - active)
+    if hasattr(sae, "threshold"):
+        sae.threshold.fill_(quantile.clamp_min(0.0))
+    else:
+        bias -= quantile
+
+
+def step_input_for(x: torch.Tensor, dead: torch.Tensor | None = None) -> TrainStepInput:
+    """A training step's input: penalty coefficients 1 (``l1``, JumpReLU's ``l0``)."""
+    return TrainStepInput(
+        sae_in=x,
+        coefficients={"l1": 1.0, "l0": 1.0},
+        dead_neuron_mask=dead,
+        n_training_steps=0,
+        is_logging_step=False,
+    )
 
 
 def make_step(
@@ -154,24 +193,18 @@ def measure_row(
 ) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = build_config(architecture, args, d_sae)
     sae_lens_class, _ = get_sae_training_class(architecture)
-    theirs = sae_lens_class(copy.deepcopy(cfg))
+    theirs = sae_lens_class(build_config(architecture, args, d_sae))
     x = torch.randn(args.batch, args.d_in, device=device)
     if active is not None:
         set_density(theirs, x, active)
-    ours = TRAINING_CLASSES[architecture](copy.deepcopy(cfg)).to(device)
+    ours_class, ours_config = ours_classes(architecture)
+    ours = ours_class(build_config(architecture, args, d_sae, ours_config)).to(device)
     ours.load_state_dict(theirs.state_dict())
     dead = None
     if label.endswith("AuxK"):
         dead = torch.rand(d_sae, device=device) < args.dead_fraction
-    step_input = TrainStepInput(
-        sae_in=x,
-        coefficients={"l1": 1.0},
-        dead_neuron_mask=dead,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
+    step_input = step_input_for(x, dead)
     lr = 1e-6  # the weights (and so the density) barely move over the timed steps
     steps = {
         "sae_lens": make_step(theirs, torch.optim.Adam(theirs.parameters(), lr=lr), step_input),
@@ -246,36 +279,46 @@ def measure_adam(args: argparse.Namespace, d_sae: int) -> dict:
     return {"d_sae": d_sae, **{name: round(min(times[name]) / unit, 3) for name in variants}}
 
 
+CROSSOVER = ("standard", "gated", "jumprelu")
+
+
+def force_sparse(sae: TrainingSAE, architecture: str, limit: float) -> None:
+    """Set the density limit of ``sae``'s sparse path (JumpReLU's sparse decode: the kernels')."""
+    if architecture == "jumprelu":
+        kernels.THRESHOLD_DECODE_DENSITY_LIMIT = limit
+    else:
+        sae.sparse_density_limit = limit  # type: ignore[attr-defined]
+
+
 def measure_crossover(architecture: str, args: argparse.Namespace, d_sae: int) -> list[dict]:
     """Our step with the sparse path forced on and off, over densities (sets the class limit)."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    sae = TRAINING_CLASSES[architecture](build_config(architecture, args, d_sae)).to(device)
+    sae_class, config_class = ours_classes(architecture)
+    sae = sae_class(build_config(architecture, args, d_sae, config_class)).to(device)
     x = torch.randn(args.batch, args.d_in, device=device)
-    step_input = TrainStepInput(
-        sae_in=x,
-        coefficients={"l1": 1.0},
-        dead_neuron_mask=None,
-        n_training_steps=0,
-        is_logging_step=False,
+    step = make_step(
+        sae, torch.optim.Adam(sae.parameters(), lr=1e-6, fused=True), step_input_for(x)
     )
-    step = make_step(sae, torch.optim.Adam(sae.parameters(), lr=1e-6, fused=True), step_input)
     bias = sae.b_gate if architecture == "gated" else sae.b_enc
     clock = Clock(device)
     rows = []
+    default_limit = kernels.THRESHOLD_DECODE_DENSITY_LIMIT
     for density in (0.02, 0.05, 0.1, 0.2):
         set_density(sae, x, density)
         times: dict[str, list[float]] = {"unit": [], "sparse": [], "dense": []}
         for _ in range(args.repeats):
             times["unit"].append(clock(lambda: torch.addmm(bias, x, sae.W_enc)))
             for name, limit in (("sparse", 1.0), ("dense", 0.0)):
-                sae.sparse_density_limit = limit
+                force_sparse(sae, architecture, limit)
                 step()  # warm-up of this path
                 times[name].append(clock(step))
+        kernels.THRESHOLD_DECODE_DENSITY_LIMIT = default_limit
         unit = min(times["unit"])
         rows.append(
             {
                 "architecture": architecture,
+                "d_sae": d_sae,
                 "density": density,
                 "sparse_x": round(min(times["sparse"]) / unit, 2),
                 "dense_x": round(min(times["dense"]) / unit, 2),
@@ -342,14 +385,15 @@ def measure_multi(args: argparse.Namespace, d_sae: int) -> dict:
     }
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def render_markdown(result: dict) -> str:
+    """The result as the markdown of ``step.md``."""
     c = result["config"]
     lines = [
         f"Training step, in units of one encoder product (`[{c['batch']}, {c['d_in']}] @ "
         f"[{c['d_in']}, d_sae]`), best of {c['repeats']}; device `{c['device']}` "
         f"({result['machine']}); torch {result['torch']}, sae-lens {result['sae_lens']}; "
         f"1-min load average {result['load_1min']['min']}–{result['load_1min']['max']} "
-        f"(at start {result['load_1min']['start']}).",
+        f"(load: each row's range; rows may come from separate runs).",
         "Peak: the step's memory high-water mark above what it held before, less one set of "
         f"gradients, in copies of one `[B, d_sae]` float32 tensor. AuxK: "
         f"{c['dead_fraction']:.0%} of the latents dead. L0: ours, active latents per token. "
@@ -357,8 +401,8 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{c['hooks']} encoder products (unit ms: one).",
         "",
         "| architecture | case | d_sae | L0 | unit ms | sae-lens | ours | speed-up "
-        "| sae-lens peak | ours peak |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| sae-lens peak | ours peak | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def cell(value: object, unit: str = "") -> str:
@@ -369,7 +413,8 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {row['architecture']} | {row['case']} | {row['d_sae']} | {cell(row['l0'])} "
             f"| {row['unit_ms']} | {cell(row['sae_lens_x'], '×')} | {row['ours_x']}× "
             f"| {cell(row['speed_up'], '×')} | {cell(row['sae_lens_peak_copies'])} "
-            f"| {cell(row['ours_peak_copies'])} |"
+            f"| {cell(row['ours_peak_copies'])} "
+            f"| {min(row['load_1min'])}–{max(row['load_1min'])} |"
         )
     lines += [
         "",
@@ -382,27 +427,56 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {row['d_sae']} | {row['default']} | {row['foreach']} | {row['fused']} |")
     lines += [
         "",
-        f"Ours with the sparse path forced on/off, by active fraction (d_sae {c['d_sae'][0]}):",
+        "Ours with the sparse path forced on/off, by active fraction (JumpReLU: its decode):",
         "",
-        "| architecture | density | sparse | dense |",
-        "|---|---:|---:|---:|",
+        "| architecture | d_sae | density | sparse | dense |",
+        "|---|---:|---:|---:|---:|",
     ]
     for row in result["crossover"]:
         lines.append(
-            f"| {row['architecture']} | {row['density']} | {row['sparse_x']}× | {row['dense_x']}× |"
+            f"| {row['architecture']} | {row['d_sae']} | {row['density']} | {row['sparse_x']}× "
+            f"| {row['dense_x']}× |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def cases(architecture: str, args: argparse.Namespace) -> list[tuple[str, float | None]]:
+    """Row labels and active fractions (None: as built; ``L0≈k`` is set in ``main``)."""
     if architecture in TOPK_FAMILY:
         return [("no dead", None), ("AuxK", None)]
+    if architecture == "jumprelu":  # init: sae-lens's initial threshold (about half fire)
+        return [("L0≈k", None), ("init", None)]
     return [("L0≈k", None), ("init", 0.5)]
+
+
+def merge(new: list[dict], old: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
+    """``old`` with each entry replaced by ``new``'s of the same ``key``, then ``new``'s others."""
+    fresh = {key(entry): entry for entry in new}
+    merged = [fresh.pop(key(entry), entry) for entry in old]
+    return merged + list(fresh.values())
+
+
+def row_order(row: dict) -> tuple[int, bool]:
+    """Rows by ``d_sae``, the MultiSAEModule row last (a stable sort keeps the rest in order)."""
+    return row["d_sae"], row["case"].startswith("MultiSAEModule")
+
+
+def previous_result(args: argparse.Namespace) -> dict | None:
+    """The result file already in ``--out`` if its sizes match this run's, else None."""
+    path = args.out / "step.json"
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    if any(old["config"].get(name) != getattr(args, name) for name in SIZES):
+        print(f"{path}: other sizes ({', '.join(SIZES)}); writing this run's rows only")
+        return None
+    for row in old["crossover"]:  # files before the d_sae field: measured at the first d_sae
+        row.setdefault("d_sae", old["config"]["d_sae"][0])
+    return old
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    start_load = os.getloadavg()[0]
     rows = []
     for d_sae in args.d_sae:
         for architecture in args.architectures:
@@ -416,30 +490,41 @@ def main(argv: list[str] | None = None) -> dict:
     adam = [measure_adam(args, d_sae) for d_sae in args.d_sae]
     crossover = [
         row
-        for architecture in ("standard", "gated")
+        for architecture in CROSSOVER
         if architecture in args.architectures
         for row in measure_crossover(architecture, args, args.d_sae[0])
     ]
+    old = previous_result(args) or {"rows": [], "adam": [], "crossover": []}
+    rows = sorted(
+        merge(rows, old["rows"], itemgetter("architecture", "case", "d_sae")), key=row_order
+    )
+    adam = sorted(merge(adam, old["adam"], itemgetter("d_sae")), key=itemgetter("d_sae"))
+    crossover = merge(crossover, old["crossover"], itemgetter("architecture", "d_sae", "density"))
     loads = [load for row in rows for load in row["load_1min"]]
+    config = {
+        key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+    }
+    config["d_sae"] = sorted({row["d_sae"] for row in rows})
+    config["architectures"] = [
+        name for name in ARCHITECTURES if any(row["architecture"] == name for row in rows)
+    ]
     result = {
-        "config": {
-            key: str(value) if isinstance(value, Path) else value
-            for key, value in vars(args).items()
-        },
+        "config": config,
         "machine": (
             f"{platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
         ),
         "torch": torch.__version__,
         "sae_lens": sae_lens.__version__,
-        "load_1min": {"start": round(start_load, 2), "min": min(loads), "max": max(loads)},
+        "load_1min": {"min": min(loads), "max": max(loads)},
         "rows": rows,
         "adam": adam,
         "crossover": crossover,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, args.out / "step.md")
-    print((args.out / "step.md").read_text())
+    atomic_write_text(args.out / "step.json", json.dumps(result, indent=2) + "\n")
+    markdown = render_markdown(result)
+    atomic_write_text(args.out / "step.md", markdown)
+    print(markdown)
     return result
 
 

@@ -74,6 +74,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sae.distributed import all_reduce_mean
+from lightning_sae.saes.kernels import runs_sae_lens_pass, threshold_decode
 
 #: Bound of the controller's log-multiplier of the L0 coefficient (λ stays within 10⁻⁴..10⁴ × λ₀).
 MAX_LOG_SCALE = math.log(1e4)
@@ -374,7 +375,13 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
             self.cfg.jumprelu_ste_to_input,
         )
         feature_acts = self.hook_sae_acts_post(feature_acts)
-        sae_out = self.decode(feature_acts)
+        if runs_sae_lens_pass(self, step_input.sae_in):
+            sae_out = self.decode(feature_acts)
+        else:  # sae-lens's decode without its idle hooks, sparse when few latents are near θ
+            threshold = self.threshold.to(hidden_pre.dtype)
+            sae_out = threshold_decode(
+                feature_acts, hidden_pre, threshold, self.bandwidth, self.W_dec, self.b_dec
+            )
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
         losses = {"mse_loss": mse_loss}
         losses |= self._sparsity_losses(step_input, feature_acts, hidden_pre, l0)

@@ -14,7 +14,8 @@ index) and ``cols`` (latent index) of the few non-zero latents. After one dense 
   :func:`row_candidates` → :func:`select_batch_topk` → :func:`extend_candidates` where the
   exactness check fails), :func:`dead_row_topk` (AuxK), :func:`positive_entries` (ReLU);
 * :class:`DenseEncoder`: the dense encoder product for the Standard/Gated dense paths, whose
-  backward skips the input gradient.
+  backward skips the input gradient;
+* :func:`threshold_decode`: JumpReLU's decoder, sparse over the entries its backward reads.
 
 Sharding: a rank holding latents ``[offset, offset + d_local)`` calls :func:`row_topk` or
 :func:`row_candidates` with ``column_offset=offset``; the candidates of all ranks (values, rows,
@@ -23,6 +24,7 @@ and merged with :func:`merge_row_topk` or :func:`select_batch_topk` unchanged.
 """
 
 import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -59,8 +61,12 @@ class Entries(NamedTuple):
 
 
 def row_offsets(sorted_ids: Tensor, n: int) -> Tensor:
-    """CSR pointer ``[n + 1]`` of ids sorted ascending (static shape: no host synchronisation)."""
-    return torch.searchsorted(sorted_ids, torch.arange(n + 1, device=sorted_ids.device))
+    """CSR pointer ``[n + 1]`` of ids sorted ascending (static shape: no host synchronisation).
+
+    The pointer has the ids' integer dtype (int32 or int64).
+    """
+    ids = torch.arange(n + 1, dtype=sorted_ids.dtype, device=sorted_ids.device)
+    return torch.searchsorted(sorted_ids, ids, out_int32=sorted_ids.dtype == torch.int32)
 
 
 def sort_entries(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Entries:
@@ -176,20 +182,32 @@ def topk_entries(scores: Tensor, k: int) -> Entries:
     return Entries(rows, cols.flatten(), values.flatten(), crow)
 
 
+#: Scores gathered at once by :func:`dead_row_topk` (1/32 of ``[4096, 8192]``).
+DEAD_TOPK_BLOCK = 2**20
+
+
 def dead_row_topk(scores: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, int]:
     """Per-row top-``min(k, n_dead)`` of ``scores`` ``[B, d]`` among the columns ``dead`` ``[d]``.
 
     Returns ``rows``, ``cols``, ``values`` and ``n_dead``. Reads the number of dead latents on the
-    host (as sae-lens does): the work then scales with the dead latents, not with ``d``.
+    host (as sae-lens does): the work then scales with the dead latents, not with ``d``. The dead
+    columns are gathered ``DEAD_TOPK_BLOCK`` scores at a time: a ``[B, n_dead]`` copy would add a
+    quarter of ``scores`` at 25% dead latents to the step's peak memory.
     """
     dead_cols = dead.nonzero().flatten()
     n_dead = dead_cols.shape[0]
     if n_dead == 0:
         empty = dead_cols.new_zeros(0)
         return empty, empty, scores.new_zeros(0), 0
-    k = min(k, n_dead)
-    values, position = scores.index_select(1, dead_cols).topk(k, dim=-1, sorted=False)
-    rows = torch.arange(scores.shape[0], device=scores.device).repeat_interleave(k)
+    batch, k = scores.shape[0], min(k, n_dead)
+    values = scores.new_empty(batch, k)
+    position = dead_cols.new_empty(batch, k)
+    block = max(1, DEAD_TOPK_BLOCK // n_dead)
+    for start in range(0, batch, block):
+        rows = slice(start, start + block)
+        dead_scores = scores[rows].index_select(1, dead_cols)
+        torch.topk(dead_scores, k, dim=-1, sorted=False, out=(values[rows], position[rows]))
+    rows = torch.arange(batch, device=scores.device).repeat_interleave(k)
     return rows, dead_cols[position.flatten()], values.flatten(), n_dead
 
 
@@ -211,11 +229,22 @@ class EntryLayout(NamedTuple):
 
 
 def entry_layout(rows: Tensor, cols: Tensor, bags: Tensor, n_bags: int, n_cols: int) -> EntryLayout:
-    """Build an :class:`EntryLayout` (``bags`` must be non-decreasing)."""
-    # A stable sort of 32-bit keys: ~1.3 times faster on CPU than ``argsort`` of the int64 ones.
-    by_col = cols.int().sort(stable=True).indices
+    """Build an :class:`EntryLayout` (``bags`` must be non-decreasing).
+
+    Its indices are int32 where they fit: half the memory of int64 (AuxK lists ``d_in / 2``
+    entries per token), and a stable sort of 32-bit keys is ~1.3 times faster on CPU.
+    """
+    fits = max(cols.shape[0], n_bags, n_cols) < 2**31
+    dtype = torch.int32 if fits else torch.int64
+    rows, cols, bags = rows.to(dtype), cols.to(dtype), bags.to(dtype)
+    sorted_cols, by_col = cols.sort(stable=True)
     return EntryLayout(
-        rows, cols, bags, row_offsets(bags, n_bags), by_col, row_offsets(cols[by_col], n_cols)
+        rows,
+        cols,
+        bags,
+        row_offsets(bags, n_bags),
+        by_col.to(dtype),
+        row_offsets(sorted_cols, n_cols),
     )
 
 
@@ -347,6 +376,84 @@ class SparseDecode(torch.autograd.Function):
         return grad_weights, grad_W_dec, None
 
 
+class NestedSquaredErrors(torch.autograd.Function):
+    """Reconstruction errors of the TopK family from the decoded bags, saving nothing new.
+
+    ``decoded`` ``[B·L + G·B, d_in]`` (a :class:`SparseDecode` output): bag ``row·L + l`` holds
+    level ``l``'s part of token ``row``'s reconstruction, bag ``B·L + g·B + row`` AuxK group
+    ``g``'s reconstruction. Reconstruction ``l`` is ``b_dec + Σ_{j ≤ l} part_j``. Returns the last
+    reconstruction (``sae_out``) and ``errors`` ``[L + G]``: the mean over tokens of
+    ``‖recon_l − x‖²``, then of ``‖aux_g − (x − recon_{aux_levels[g]})‖²`` (the residual detached,
+    as in sae-lens's AuxK). Autograd's own ops would keep each level's reconstruction and each
+    difference for the backward pass (several ``[B, d_in]`` tensors per term); here the backward
+    recomputes them from ``decoded``, which lives on anyway.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, decoded: Tensor, b_dec: Tensor, x: Tensor, n_levels: int, aux_levels: list[int]
+    ) -> tuple[Tensor, Tensor]:
+        """Return ``sae_out`` and the errors (see the class docstring)."""
+        ctx.save_for_backward(decoded, b_dec, x)
+        ctx.n_levels, ctx.aux_levels = n_levels, aux_levels
+        errors = decoded.new_empty(n_levels + len(aux_levels))
+        for level, recon, diff in _reconstructions(decoded, b_dec, x, n_levels):
+            sae_out = recon  # the same tensor at every level: the last reconstruction at the end
+            errors[level] = diff.flatten().dot(diff.flatten())
+            for group in _groups_at(aux_levels, level):
+                error = _aux_rows(decoded, x, n_levels, group) + diff
+                errors[n_levels + group] = error.flatten().dot(error.flatten())
+        return sae_out, errors.div_(x.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor | None, grad_errors: Tensor | None):  # type: ignore[override]
+        """Gradients of ``decoded`` (every bag) and ``b_dec``."""
+        decoded, b_dec, x = ctx.saved_tensors
+        n_levels, batch = ctx.n_levels, x.shape[0]
+        if grad_errors is None:
+            grad_errors = decoded.new_zeros(n_levels + len(ctx.aux_levels))
+        scales = grad_errors * (2.0 / batch)
+        grad = torch.empty_like(decoded)
+        parts = grad[: batch * n_levels].view(batch, n_levels, -1)
+        for level, _, diff in _reconstructions(decoded, b_dec, x, n_levels):
+            for group in _groups_at(ctx.aux_levels, level):
+                aux_grad = _aux_rows(grad, x, n_levels, group)
+                torch.add(_aux_rows(decoded, x, n_levels, group), diff, out=aux_grad)
+                aux_grad.mul_(scales[n_levels + group])
+            parts[:, level] = diff.mul_(scales[level])
+        if grad_out is not None:
+            parts[:, -1] += grad_out
+        for level in reversed(range(n_levels - 1)):  # part j is in every reconstruction l >= j
+            parts[:, level] += parts[:, level + 1]
+        return grad, parts[:, 0].sum(dim=0), None, None, None
+
+
+def _reconstructions(
+    decoded: Tensor, b_dec: Tensor, x: Tensor, n_levels: int
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Yield ``(l, recon_l, recon_l − x)`` per level (``recon`` one tensor, updated in place)."""
+    batch = x.shape[0]
+    parts = decoded[: batch * n_levels].view(batch, n_levels, -1)
+    recon = parts[:, 0] + b_dec
+    for level in range(n_levels):
+        if level:
+            recon += parts[:, level]
+        diff = recon - x
+        yield level, recon, diff
+
+
+def _groups_at(aux_levels: list[int], level: int) -> list[int]:
+    """AuxK groups reconstructing the residual of ``level``."""
+    return [group for group, aux_level in enumerate(aux_levels) if aux_level == level]
+
+
+def _aux_rows(decoded: Tensor, x: Tensor, n_levels: int, group: int) -> Tensor:
+    """AuxK group ``group``'s bags of ``decoded`` ``[B, d_in]``."""
+    batch = x.shape[0]
+    start = batch * (n_levels + group)
+    return decoded[start : start + batch]
+
+
 class RowNorms(torch.autograd.Function):
     """``W.norm(dim=-1)`` whose backward is one pass, ``W · (grad / norm)`` (zero rows: zero).
 
@@ -397,6 +504,45 @@ class DenseEncoder(torch.autograd.Function):
         if ctx.has_b_dec and ctx.needs_input_grad[3]:
             grad_b_dec = -(W_enc @ grad_sum)
         return None, grad_W_enc, grad_b_enc, grad_b_dec
+
+
+#: Largest fraction of a JumpReLU step's entries in its gradient band for which
+#: :func:`threshold_decode` decodes sparsely (measured crossover, ``benchmarks/bench_step.py``).
+THRESHOLD_DECODE_DENSITY_LIMIT = 0.1
+
+
+def threshold_decode(
+    feature_acts: Tensor,
+    hidden_pre: Tensor,
+    threshold: Tensor,
+    bandwidth: float,
+    W_dec: Tensor,
+    b_dec: Tensor,
+) -> Tensor:
+    """``feature_acts @ W_dec + b_dec`` of JumpReLU latents ``[B, d_sae]``; sparse when that pays.
+
+    JumpReLU's backward reads ``feature_acts``' gradient only where a latent is active
+    (``π > θ``) or within the threshold's kernel (``|π − θ| < ε/2``). Where at most
+    ``THRESHOLD_DECODE_DENSITY_LIMIT`` of the entries lie in the band ``π > θ − ε`` (half a
+    bandwidth beyond the kernel, far above rounding), the decode is a :class:`SparseDecode` over
+    those entries: ``W_dec``'s and ``b_dec``'s gradients and the band's entries' gradients are
+    the dense decode's; the others get 0, which that backward multiplies by 0 anyway. Otherwise,
+    or for inputs of another dtype than ``W_dec`` (autocast), the decode is dense. The density is
+    read on the host (free on CPU; on CUDA one synchronisation).
+    """
+    with torch.no_grad():
+        band = hidden_pre > threshold - bandwidth
+        sparse = (
+            feature_acts.dtype == W_dec.dtype
+            and int(band.sum()) <= THRESHOLD_DECODE_DENSITY_LIMIT * band.numel()
+        )
+        if sparse:
+            rows, cols = band.nonzero().unbind(dim=1)
+            batch, d_sae = band.shape
+            layout = entry_layout(rows, cols, rows, batch, d_sae)
+    if not sparse:
+        return feature_acts @ W_dec + b_dec
+    return SparseDecode.apply(feature_acts[rows, cols], W_dec, layout) + b_dec
 
 
 def positive_entries(pre: Tensor) -> Entries:

@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from lightning_sae.saes.kernels import (
     Entries,
+    NestedSquaredErrors,
     RowNorms,
     SampledEncoder,
     SparseDecode,
@@ -116,16 +117,25 @@ class SparseTopKTraining:
                 bags = bags * n_levels + torch.bucketize(entries.cols, bounds, right=True)
             aux = self._aux_entries(scores, step_input.dead_neuron_mask)
             n_bags = batch * n_levels
-            aux_bags = [group.rows + n_bags + index * batch for index, group in enumerate(aux)]
             layout = entry_layout(
                 torch.cat([entries.rows, *(group.rows for group in aux)]),
                 torch.cat([entries.cols, *(group.cols for group in aux)]),
-                torch.cat([bags, *aux_bags]),
+                torch.cat(
+                    [
+                        bags,
+                        *(group.rows + n_bags + index * batch for index, group in enumerate(aux)),
+                    ]
+                ),
                 n_bags + len(aux) * batch,
                 d_sae,
             )
 
         values = torch.cat([entries.values, *(group.values for group in aux)])
+        aux_scales = [group.scale for group in aux]
+        aux_levels = [group.level for group in aux]
+        # The layout and ``values`` hold the AuxK entries now: free the groups' own copies (AuxK
+        # has ``d_in / 2`` entries per token, several times the ``k`` active ones).
+        del aux
         pre = SampledEncoder.apply(values, x_centered, self.W_enc, self.b_enc, b_dec, norm, layout)
         n_main = entries.cols.shape[0]
         acts = pre[:n_main].relu()
@@ -134,19 +144,19 @@ class SparseTopKTraining:
         if norm is not None:
             weights = weights * (1 / norm)[layout.cols]
         decoded = SparseDecode.apply(weights, self.W_dec, layout)
-
-        levels = decoded[:n_bags].view(batch, n_levels, -1)
-        if n_levels > 1:
-            levels = levels.cumsum(dim=1)
-        sae_out = levels[:, -1] + self.b_dec
-        mse_loss = self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean()
-        aux_loss = self._aux_loss(sae_in, levels, decoded[n_bags:], aux)
+        # sae-lens's mse_loss_fn (per-token squared-error sums, averaged) on each reconstruction.
+        sae_out, errors = NestedSquaredErrors.apply(decoded, self.b_dec, x, n_levels, aux_levels)
+        mse_loss = errors[n_levels - 1]
+        # AuxK: dead latents reconstruct the detached residual of their level (without b_dec).
+        aux_loss = errors.new_tensor(0.0)
+        if aux_scales:
+            scales = errors.new_tensor(aux_scales)
+            aux_loss = self.cfg.aux_loss_coefficient * (scales * errors[n_levels:]).sum()
         losses = {"mse_loss": mse_loss, "auxiliary_reconstruction_loss": aux_loss}
         loss = mse_loss + aux_loss
         for level, width in enumerate(widths[:-1]):
-            inner = self.mse_loss_fn(levels[:, level] + self.b_dec, sae_in).sum(dim=-1).mean()
-            losses[f"inner_mse_loss_{width}"] = inner
-            loss = loss + inner
+            losses[f"inner_mse_loss_{width}"] = errors[level]
+            loss = loss + errors[level]
         return TrainStepOutput(
             sae_in=sae_in,
             sae_out=sae_out,
@@ -168,20 +178,6 @@ class SparseTopKTraining:
                 scale = min(n_dead / k_aux, 1.0)
                 groups.append(AuxEntries(rows, cols + start, values, scale, level))
         return groups
-
-    def _aux_loss(
-        self, sae_in: Tensor, levels: Tensor, reconstructions: Tensor, aux: list[AuxEntries]
-    ) -> Tensor:
-        """AuxK: dead latents reconstruct the detached residual of their level (without b_dec)."""
-        if not aux:
-            return levels.new_tensor(0.0)
-        batch = sae_in.shape[0]
-        losses = []
-        for index, group in enumerate(aux):
-            residual = (sae_in - (levels[:, group.level] + self.b_dec)).detach()
-            recons = reconstructions[index * batch : (index + 1) * batch]
-            losses.append(group.scale * (recons - residual).pow(2).sum(dim=-1).mean())
-        return self.cfg.aux_loss_coefficient * torch.stack(losses).sum()
 
 
 class FastTopKTrainingSAE(SparseTopKTraining, TopKTrainingSAE):

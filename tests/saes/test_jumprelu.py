@@ -359,3 +359,56 @@ def test_l0_coefficient_steers_l0():
     """Plain λ mode: λ ×10 clearly lowers L0 once the threshold can move."""
     low, high = fit_l0(600, l0_coefficient=1.0), fit_l0(600, l0_coefficient=10.0)
     assert high < 0.6 * low, (low, high)
+
+
+FLOAT32_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["step", "tanh"])
+@pytest.mark.parametrize("anthropic", [False, True], ids=["deepmind", "ste_to_input+pre_act"])
+def test_sparse_decode_trains_as_sae_lens(monkeypatch, dtype, mode, anthropic):
+    """Few latents near their thresholds: the sparse decode gives sae-lens's step.
+
+    Same weights and batch as sae-lens's ``training_forward_pass``: losses, outputs and every
+    gradient agree within float rounding (float32: rtol 1e-5, atol 1e-6; float64: rtol 1e-12,
+    atol 1e-14, but float32's for our threshold, kept float32), the decode summing in another
+    order. Entries just below a threshold (inside the
+    kernel) feed the threshold's gradient, so they are part of the sparse decode.
+    """
+    from lightning_sae.saes import kernels
+
+    calls = []
+    sparse_decode = kernels.SparseDecode.apply
+    monkeypatch.setattr(
+        kernels.SparseDecode, "apply", lambda *a: calls.append(a[0].shape[0]) or sparse_decode(*a)
+    )
+    options = {"jumprelu_ste_to_input": True, "pre_act_loss_coefficient": 0.3} if anthropic else {}
+    theirs = reference(mode, jumprelu_bandwidth=0.3, **options).to(dtype)
+    x = torch.randn(256, D_IN, dtype=dtype)
+    with torch.no_grad():  # ~3% of the entries above θ - ε: thresholds at a high quantile
+        hidden_pre = (x - theirs.b_dec) @ theirs.W_enc + theirs.b_enc
+        theirs.threshold.copy_(hidden_pre.quantile(0.985, dim=0))
+    ours = AdaptiveJumpReLUTrainingSAE.from_sae_lens(theirs).to(dtype)
+    dead = torch.arange(D_SAE) % 3 == 0
+    out_theirs = theirs.training_forward_pass(step_input(x, dead=dead))
+    out_ours = ours.training_forward_pass(step_input(x, dead=dead))
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    assert calls and calls[0] < kernels.THRESHOLD_DECODE_DENSITY_LIMIT * x.shape[0] * D_SAE
+    u = (hidden_pre - theirs.threshold) / theirs.bandwidth
+    assert ((u > -0.5) & (u <= 0)).any()  # inactive entries inside the kernel
+    tolerance = FLOAT32_TOLERANCE if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
+    assert set(out_ours.losses) == set(out_theirs.losses)
+    for name, value in out_theirs.losses.items():
+        torch.testing.assert_close(out_ours.losses[name], value, **tolerance, msg=name)
+    torch.testing.assert_close(out_ours.loss, out_theirs.loss, **tolerance)
+    torch.testing.assert_close(out_ours.feature_acts, out_theirs.feature_acts, rtol=0, atol=0)
+    torch.testing.assert_close(out_ours.sae_out, out_theirs.sae_out, **tolerance)
+    ours_grads, theirs_grads = grads(ours), grads(theirs)
+    assert set(ours_grads) == set(theirs_grads)
+    assert theirs_grads["threshold"].abs().max() > 0
+    for name, grad in theirs_grads.items():
+        expected = grad.to(ours_grads[name].dtype)  # our threshold stays float32
+        close = tolerance if expected.dtype == dtype else FLOAT32_TOLERANCE
+        torch.testing.assert_close(ours_grads[name], expected, **close, msg=name)

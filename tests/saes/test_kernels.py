@@ -5,6 +5,7 @@ import torch
 
 from lightning_sae.saes.kernels import (
     Candidates,
+    NestedSquaredErrors,
     RowNorms,
     SparseDecode,
     batch_topk_entries,
@@ -129,3 +130,42 @@ def test_row_norms_gradient_is_exact_with_a_zero_row():
     (ours,) = torch.autograd.grad((RowNorms.apply(W) * weights).sum(), W)
     (theirs,) = torch.autograd.grad((W.norm(dim=-1) * weights).sum(), W)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("aux_levels", [[], [2], [0, 1, 2]], ids=["no aux", "aux", "aux per level"])
+def test_nested_squared_errors_are_autograds(aux_levels):
+    """Values and gradients of the fused reconstruction errors equal plain autograd's.
+
+    float64: values and gradients (against autograd's, with sae-lens's detached AuxK residual) to
+    rtol 1e-12; without AuxK also by ``gradcheck``.
+    """
+    batch, levels, width = 5, 3, 4
+    decoded = torch.randn(batch * (levels + len(aux_levels)), width, dtype=torch.float64)
+    b_dec = torch.randn(width, dtype=torch.float64)
+    x = torch.randn(batch, width, dtype=torch.float64)
+
+    def reference(decoded: torch.Tensor, b_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        recons = decoded[: batch * levels].view(batch, levels, width).cumsum(dim=1) + b_dec
+        errors = [(recons[:, level] - x).pow(2).sum(dim=-1).mean() for level in range(levels)]
+        for group, level in enumerate(aux_levels):
+            aux = decoded[batch * (levels + group) : batch * (levels + group + 1)]
+            residual = (x - recons[:, level]).detach()
+            errors.append((aux - residual).pow(2).sum(dim=-1).mean())
+        return recons[:, -1], torch.stack(errors)
+
+    def ours(decoded: torch.Tensor, b_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return NestedSquaredErrors.apply(decoded, b_dec, x, levels, aux_levels)
+
+    inputs = (decoded.requires_grad_(), b_dec.requires_grad_())
+    for actual, expected in zip(ours(*inputs), reference(*inputs), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    if not aux_levels:  # AuxK's residual is detached: its gradient is not the numerical one
+        assert torch.autograd.gradcheck(ours, inputs)
+    weights = torch.randn(levels + len(aux_levels), dtype=torch.float64)
+    out_weights = torch.randn(batch, width, dtype=torch.float64)
+    grads = [
+        torch.autograd.grad(((out * out_weights).sum() + errors @ weights), inputs)
+        for out, errors in (ours(*inputs), reference(*inputs))
+    ]
+    for actual, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
