@@ -74,7 +74,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sae.distributed import all_reduce_mean
-from lightning_sae.saes.kernels import runs_sae_lens_pass, threshold_decode
+from lightning_sae.saes.kernels import DenseEncoder, runs_sae_lens_pass, threshold_decode
 
 #: Bound of the controller's log-multiplier of the L0 coefficient (λ stays within 10⁻⁴..10⁴ × λ₀).
 MAX_LOG_SCALE = math.log(1e4)
@@ -360,14 +360,23 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
 
         In training mode the thresholds move first (:meth:`_move_thresholds`: the optimiser's
         last step scaled ``m``-fold, then the controller's pending common step). The loss terms,
-        outputs and gradients are sae-lens's (a test compares them).
+        outputs and gradients are sae-lens's (a test compares them); as in the other fast passes
+        the encoder product's backward skips the inputs' gradient (:class:`DenseEncoder`) and the
+        decode is sparse when few latents are near their thresholds (:func:`threshold_decode`).
         """
         if self.training:
             self._move_thresholds()
         else:
             self.threshold.data.clamp_(min=0.0)  # sae-lens's projection (θ ≥ 0)
-        sae_in = self.process_sae_in(step_input.sae_in)
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        sae_lens_pass = runs_sae_lens_pass(self, step_input.sae_in)
+        if sae_lens_pass or torch.is_autocast_enabled(step_input.sae_in.device.type):
+            sae_in = self.process_sae_in(step_input.sae_in)
+            hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        else:  # the same product, whose backward skips the inputs' gradient
+            x = step_input.sae_in.detach().to(self.dtype)
+            b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+            x_centered = x - self.b_dec.detach() if b_dec is not None else x
+            hidden_pre = DenseEncoder.apply(x_centered, self.W_enc, self.b_enc, b_dec)
         feature_acts, l0 = JumpReLUWithL0.apply(
             hidden_pre,
             self.threshold.to(hidden_pre.dtype),
@@ -375,7 +384,7 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
             self.cfg.jumprelu_ste_to_input,
         )
         feature_acts = self.hook_sae_acts_post(feature_acts)
-        if runs_sae_lens_pass(self, step_input.sae_in):
+        if sae_lens_pass:
             sae_out = self.decode(feature_acts)
         else:  # sae-lens's decode without its idle hooks, sparse when few latents are near θ
             threshold = self.threshold.to(hidden_pre.dtype)

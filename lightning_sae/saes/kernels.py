@@ -11,7 +11,7 @@ index) and ``cols`` (latent index) of the few non-zero latents. After one dense 
   backward gives the entries' gradients (sampled products) and ``W_dec``'s (one bag per latent);
 * :class:`EntryLayout` holds both orders of the entries (by output row, by latent), built once;
 * selection: :func:`topk_entries` (per token), :func:`batch_topk_entries` (exact batch top-k:
-  :func:`row_candidates` → :func:`select_batch_topk` → :func:`extend_candidates` where the
+  :func:`row_candidates` → :func:`select_batch_topk` → :func:`candidates_above_cut_off` where the
   exactness check fails), :func:`dead_row_topk` (AuxK), :func:`positive_entries` (ReLU);
 * :class:`DenseEncoder`: the dense encoder product for the Standard/Gated dense paths, whose
   backward skips the input gradient;
@@ -126,15 +126,38 @@ def extend_candidates(
     candidates: Candidates, scores: Tensor, saturated_rows: Tensor, m: int
 ) -> Candidates:
     """Replace the candidates of rows ``saturated_rows`` (indices) by their top-``m`` entries."""
-    extra = row_candidates(scores[saturated_rows], m)
+    return _replace_rows(candidates, saturated_rows, row_candidates(scores[saturated_rows], m))
+
+
+def candidates_above_cut_off(
+    candidates: Candidates, scores: Tensor, saturated_rows: Tensor, cut_off: Tensor
+) -> Candidates:
+    """Replace the candidates of rows ``saturated_rows`` by all their entries ``>= cut_off``.
+
+    ``cut_off`` is a selection's smallest winning value. Listing more candidates only raises
+    it, so no entry below it can win, and the rows need no further extension: their new floor
+    lies just below it. Every winner of that selection stays listed, so at least as many
+    candidates remain as it chose.
+    """
+    rows_scores = scores[saturated_rows]
+    floor = torch.nextafter(cut_off, cut_off.new_tensor(-torch.inf))
+    rows, cols = (rows_scores > floor).nonzero().unbind(dim=1)
+    floors = floor.expand(saturated_rows.shape[0])
+    return _replace_rows(
+        candidates, saturated_rows, Candidates(rows_scores[rows, cols], rows, cols, floors)
+    )
+
+
+def _replace_rows(candidates: Candidates, replaced_rows: Tensor, extra: Candidates) -> Candidates:
+    """``candidates`` with the rows ``replaced_rows`` listed by ``extra`` (rows local to it)."""
     keep = torch.ones_like(candidates.floors, dtype=torch.bool)
-    keep[saturated_rows] = False
+    keep[replaced_rows] = False
     listed = keep[candidates.rows]
     floors = candidates.floors.clone()
-    floors[saturated_rows] = extra.floors
+    floors[replaced_rows] = extra.floors
     return Candidates(
         torch.cat([candidates.values[listed], extra.values]),
-        torch.cat([candidates.rows[listed], saturated_rows[extra.rows]]),
+        torch.cat([candidates.rows[listed], replaced_rows[extra.rows]]),
         torch.cat([candidates.cols[listed], extra.cols]),
         floors,
     )
@@ -144,7 +167,9 @@ def batch_topk_entries(scores: Tensor, total: int, m: int) -> Entries:
     """Exact top-``total`` entries of ``relu(scores)`` over the whole ``[B, d]`` matrix, sorted.
 
     Per-row top-``m`` candidates, then a global selection among them; rows whose candidates may
-    hide winners (see :func:`select_batch_topk`) get ``4·m`` candidates until none does.
+    hide winners (see :func:`select_batch_topk`) are re-listed with every entry at or above that
+    selection's cut-off (:func:`candidates_above_cut_off`), and the selection runs once more.
+    Real activations need this: a few tokens of huge norm hold hundreds of a batch's winners.
 
     The exactness test reads one boolean on the host per round: free on CPU, one synchronisation
     per step on CUDA (the alternative, a top-k over all ``B·d`` values, costs ~10 per-row ones).
@@ -155,12 +180,11 @@ def batch_topk_entries(scores: Tensor, total: int, m: int) -> Entries:
         return Entries(empty, empty, scores.new_zeros(0), row_offsets(empty, batch))
     m = min(max(m, -(-total // batch)), width)  # at least `total` candidates in all
     candidates = row_candidates(scores, m)
-    while True:
-        position, _, saturated = select_batch_topk(candidates, total)
-        if m >= width or not bool(saturated.any()):
-            break
-        m = min(4 * m, width)
-        candidates = extend_candidates(candidates, scores, saturated.nonzero().flatten(), m)
+    position, cut_off, saturated = select_batch_topk(candidates, total)
+    if bool(saturated.any()):
+        saturated_rows = saturated.nonzero().flatten()
+        candidates = candidates_above_cut_off(candidates, scores, saturated_rows, cut_off)
+        position, _, _ = select_batch_topk(candidates, total)
     return sort_entries(
         candidates.rows[position],
         candidates.cols[position],

@@ -51,6 +51,40 @@ def test_saturated_rows_are_flagged_and_extended():
     assert torch.equal(entries.crow, torch.searchsorted(entries.rows, torch.arange(B + 1)))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_heavy_tailed_rows_need_one_extension(seed, monkeypatch):
+    """Token norms spread over orders of magnitude (as in real residual streams): one row may
+    hold most of the batch's winners, and one extension above the cut-off is exact."""
+    from lightning_sae.saes import kernels
+
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.exp(2.0 * torch.randn(64, 1, generator=generator))
+    scores = torch.randn(64, 256, generator=generator) * scales
+    total, m = 8 * 64, 16
+    calls = []
+    select = kernels.select_batch_topk
+    monkeypatch.setattr(kernels, "select_batch_topk", lambda *a: calls.append(1) or select(*a))
+    entries = batch_topk_entries(scores, total, m)
+    assert len(calls) == 2  # the first selection missed winners; the second is final
+    assert torch.equal(
+        densify(scores, entries.rows, entries.cols), reference_batch_topk(scores, total)
+    )
+
+
+def test_saturated_row_with_a_non_positive_cut_off_lists_its_positives():
+    """Fewer positives than ``total``, most in one row: that row's positives are all listed."""
+    scores = torch.full((B, D), -1.0)
+    scores[2, : D // 2] = torch.linspace(1.0, 2.0, D // 2)
+    scores[5, 0] = 3.0
+    total, m = 4 * B, 4
+    _, cut_off, saturated = select_batch_topk(row_candidates(scores, m), total)
+    assert cut_off <= 0 and saturated[2]
+    entries = batch_topk_entries(scores, total, m)
+    winners = densify(scores, entries.rows, entries.cols)
+    assert torch.equal(winners, reference_batch_topk(scores, total))
+    assert (winners > 0).sum() == D // 2 + 1
+
+
 def test_fewer_positives_than_total_is_exact_without_extension():
     """Once the cut-off is <= 0, a row's unlisted entries are <= 0 and cannot matter."""
     torch.manual_seed(1)
