@@ -36,12 +36,32 @@ class FastBatchTopKTrainingSAE(SparseTopKTraining, BatchTopKTrainingSAE):
     rank_averaged_state: ClassVar[tuple[str, ...]] = ("topk_threshold",)
     #: First-round candidates per token, as a multiple of ``k``.
     candidates_per_k: ClassVar[int] = 2
+    #: The hint for the next batch's cut-off: this batch's, lowered by this factor.
+    cut_off_hint_margin: ClassVar[float] = 0.9
+    cut_off_hint: Tensor
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # A speed hint only (the selection is exact without it): never saved, never exported.
+        self.register_buffer("cut_off_hint", torch.zeros(()), persistent=False)
 
     @override
     def select_entries(self, scores: Tensor) -> Entries:
-        """Select the top ``int(k·B)`` entries of ``relu(scores)`` over the whole batch."""
+        """Select the top ``int(k·B)`` entries of ``relu(scores)`` over the whole batch.
+
+        The previous batch's cut-off, lowered by ``cut_off_hint_margin``, is the selection's
+        hint (:func:`~lightning_sae.saes.kernels.batch_topk_entries`).
+        """
         total = int(self.cfg.k * scores.shape[0])
-        return batch_topk_entries(scores, total, self.candidates_per_k * math.ceil(self.cfg.k))
+        entries = batch_topk_entries(
+            scores,
+            total,
+            self.candidates_per_k * math.ceil(self.cfg.k),
+            self.cut_off_hint.to(scores.dtype) * self.cut_off_hint_margin,
+        )
+        if entries.values.numel():
+            self.cut_off_hint.copy_(entries.values.detach().amin())
+        return entries
 
     @override
     @torch.no_grad()

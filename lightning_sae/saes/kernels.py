@@ -163,8 +163,20 @@ def _replace_rows(candidates: Candidates, replaced_rows: Tensor, extra: Candidat
     )
 
 
-def batch_topk_entries(scores: Tensor, total: int, m: int) -> Entries:
+#: Most entries at or above a cut-off hint, as a multiple of ``total``, that
+#: :func:`batch_topk_entries` selects among (beyond it the per-row candidates are cheaper).
+HINT_MAX_CANDIDATES = 8
+
+
+def batch_topk_entries(
+    scores: Tensor, total: int, m: int, cut_off_hint: Tensor | None = None
+) -> Entries:
     """Exact top-``total`` entries of ``relu(scores)`` over the whole ``[B, d]`` matrix, sorted.
+
+    With a positive ``cut_off_hint`` (the previous batch's cut-off, a little lowered), the entries
+    at or above it are taken first: when there are at least ``total`` of them (and at most
+    ``HINT_MAX_CANDIDATES`` times as many), every winner is among them, and one top-k over them
+    is exact — one comparison pass over the matrix instead of a per-row top-k. Otherwise:
 
     Per-row top-``m`` candidates, then a global selection among them; rows whose candidates may
     hide winners (see :func:`select_batch_topk`) are re-listed with every entry at or above that
@@ -178,6 +190,13 @@ def batch_topk_entries(scores: Tensor, total: int, m: int) -> Entries:
     if total == 0:  # k·B < 1: nothing fires, as in sae-lens
         empty = torch.zeros(0, dtype=torch.long, device=scores.device)
         return Entries(empty, empty, scores.new_zeros(0), row_offsets(empty, batch))
+    if cut_off_hint is not None and bool(cut_off_hint > 0):
+        above = scores >= cut_off_hint
+        count = int(above.sum())
+        if total <= count <= HINT_MAX_CANDIDATES * total:
+            rows, cols = above.nonzero().unbind(dim=1)
+            values, position = scores[rows, cols].topk(total, sorted=False)
+            return sort_entries(rows[position], cols[position], values, batch, width)
     m = min(max(m, -(-total // batch)), width)  # at least `total` candidates in all
     candidates = row_candidates(scores, m)
     position, cut_off, saturated = select_batch_topk(candidates, total)

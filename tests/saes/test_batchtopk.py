@@ -24,7 +24,10 @@ def test_steps_and_threshold_match_sae_lens(dtype: torch.dtype, rescale: bool, k
         output = assert_same_step(reference, fast, x, dead if step else None)
         assert output.feature_acts.values().numel() == int(k * 32)
         assert output.metrics["topk_threshold"] is fast.topk_threshold
+        # The hint for the next batch: this one's cut-off (the smallest kept activation).
+        assert fast.cut_off_hint == output.feature_acts.values().min()
     assert fast.topk_threshold > 0
+    assert "cut_off_hint" not in fast.state_dict()  # a speed hint, not state
 
 
 def test_outlier_tokens_extend_their_candidates():

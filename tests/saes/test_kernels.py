@@ -71,6 +71,31 @@ def test_heavy_tailed_rows_need_one_extension(seed, monkeypatch):
     )
 
 
+@pytest.mark.parametrize(
+    ("hint_factor", "uses_hint"),
+    [(0.9, True), (1.2, False), (0.01, False)],
+    ids=["just-below", "too-high", "too-low"],
+)
+def test_cut_off_hint_is_used_only_when_it_proves_the_result(hint_factor, uses_hint, monkeypatch):
+    """At least ``total`` (and at most 8·total) entries at or above the hint: one top-k among
+    them; too few (hint above the cut-off) or too many: the per-row candidates, exact either way."""
+    from lightning_sae.saes import kernels
+
+    torch.manual_seed(3)
+    scores = torch.randn(64, 256) * torch.exp(torch.randn(64, 1))
+    total = 4 * 64
+    cut_off = scores.relu().flatten().topk(total).values.min()
+    calls = []
+    per_row = kernels.row_candidates
+    monkeypatch.setattr(kernels, "row_candidates", lambda *a: calls.append(1) or per_row(*a))
+    entries = batch_topk_entries(scores, total, 8, cut_off_hint=cut_off * hint_factor)
+    assert (not calls) == uses_hint
+    assert torch.equal(
+        densify(scores, entries.rows, entries.cols), reference_batch_topk(scores, total)
+    )
+    assert torch.equal(entries.crow, torch.searchsorted(entries.rows, torch.arange(64 + 1)))
+
+
 def test_saturated_row_with_a_non_positive_cut_off_lists_its_positives():
     """Fewer positives than ``total``, most in one row: that row's positives are all listed."""
     scores = torch.full((B, D), -1.0)
