@@ -192,7 +192,7 @@ def batch_topk_entries(
         return Entries(empty, empty, scores.new_zeros(0), row_offsets(empty, batch))
     if cut_off_hint is not None and bool(cut_off_hint > 0):
         above = scores >= cut_off_hint
-        count = int(above.sum())
+        count = int(torch.count_nonzero(above))  # a bool ``sum`` would widen to int64 first
         if total <= count <= HINT_MAX_CANDIDATES * total:
             rows, cols = above.nonzero().unbind(dim=1)
             values, position = scores[rows, cols].topk(total, sorted=False)
@@ -577,7 +577,7 @@ def threshold_decode(
         band = hidden_pre > threshold - bandwidth
         sparse = (
             feature_acts.dtype == W_dec.dtype
-            and int(band.sum()) <= THRESHOLD_DECODE_DENSITY_LIMIT * band.numel()
+            and int(torch.count_nonzero(band)) <= THRESHOLD_DECODE_DENSITY_LIMIT * band.numel()
         )
         if sparse:
             rows, cols = band.nonzero().unbind(dim=1)

@@ -36,7 +36,7 @@ from lightning_sae.saes.kernels import (
 
 def active_fraction(pre: Tensor) -> float:
     """Fraction of positive entries of ``pre`` (read on the host)."""
-    return float((pre > 0).sum()) / pre.numel()
+    return int(torch.count_nonzero(pre > 0)) / pre.numel()  # a bool sum widens to int64
 
 
 class FastStandardTrainingSAE(StandardTrainingSAE):
