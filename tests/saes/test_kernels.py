@@ -72,6 +72,21 @@ def test_heavy_tailed_rows_need_one_extension(seed, monkeypatch):
     )
 
 
+def test_saturated_row_keeps_its_winner_at_the_cut_off():
+    """The cut-off may be a saturated row's own smallest candidate: re-listed with every entry at
+    or above the cut-off (not only above it), the row keeps that winner."""
+    torch.manual_seed(0)
+    scores = 0.5 * torch.rand(4, 16)
+    scores[0] = torch.arange(16.0, 0.0, -1.0)
+    total, m = 2, 2
+    _, cut_off, saturated = select_batch_topk(row_candidates(scores, m), total)
+    assert cut_off == 15.0 and saturated[0]
+    entries = batch_topk_entries(scores, total, m)
+    assert torch.equal(
+        densify(scores, entries.rows, entries.cols), reference_batch_topk(scores, total)
+    )
+
+
 @pytest.mark.parametrize(
     ("hint_factor", "uses_hint"),
     [(0.9, True), (1.2, False), (0.01, False)],
