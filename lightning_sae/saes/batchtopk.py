@@ -1,10 +1,12 @@
 """BatchTopK SAE training with an exact, cheap batch top-k and the TopK family's sparse pass.
 
 sae-lens takes a top-``B·k`` over all ``B·d_sae`` activations of the batch (one ``topk`` over the
-flattened matrix, ~10 times a per-row one). We take each token's top ``2·k`` candidates, select the
-``B·k`` largest among those, and prove the result exact: a token whose smallest candidate still
-made the cut (and is positive) may hide more winners, so it gets 4 times more candidates and the
-selection runs again (see :func:`lightning_sae.saes.kernels.select_batch_topk`).
+flattened matrix, ~10 times a per-row one). When at least ``B·k`` (and at most 8·``B·k``) entries
+reach the previous batch's cut-off lowered by 10%, one top-k among them is exact. Otherwise we take
+each token's top ``2·k`` candidates, select the ``B·k`` largest among those, and prove the result
+exact: a token whose smallest candidate still made the cut (and is positive) may hide more winners,
+so it lists every entry at or above that cut-off and the selection runs once more (see
+:func:`lightning_sae.saes.kernels.batch_topk_entries`).
 
 The threshold EMA (``topk_threshold``, float64) follows sae-lens's update exactly — the smallest
 positive kept activation, ``θ ← (1 − lr)·θ + lr·min`` — without a host read: a batch without a
@@ -43,7 +45,9 @@ class FastBatchTopKTrainingSAE(SparseTopKTraining, BatchTopKTrainingSAE):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # A speed hint only (the selection is exact without it): never saved, never exported.
-        self.register_buffer("cut_off_hint", torch.zeros(()), persistent=False)
+        self.register_buffer(
+            "cut_off_hint", torch.zeros((), device=self.W_dec.device), persistent=False
+        )
 
     @override
     def select_entries(self, scores: Tensor) -> Entries:

@@ -369,7 +369,10 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
         else:
             self.threshold.data.clamp_(min=0.0)  # sae-lens's projection (θ ≥ 0)
         sae_lens_pass = runs_sae_lens_pass(self, step_input.sae_in)
-        if sae_lens_pass or torch.is_autocast_enabled(step_input.sae_in.device.type):
+        # Under autocast, sae-lens's own lines: ``+ b_enc`` makes the latents float32 again, so
+        # ``threshold_decode`` would decode them in float32 where sae-lens's decode is autocast's.
+        sae_lens_lines = sae_lens_pass or torch.is_autocast_enabled(step_input.sae_in.device.type)
+        if sae_lens_lines:
             sae_in = self.process_sae_in(step_input.sae_in)
             hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
         else:  # the same product, whose backward skips the inputs' gradient
@@ -384,7 +387,7 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
             self.cfg.jumprelu_ste_to_input,
         )
         feature_acts = self.hook_sae_acts_post(feature_acts)
-        if sae_lens_pass:
+        if sae_lens_lines:
             sae_out = self.decode(feature_acts)
         else:  # sae-lens's decode without its idle hooks, sparse when few latents are near θ
             threshold = self.threshold.to(hidden_pre.dtype)

@@ -565,16 +565,21 @@ def threshold_decode(
     """``feature_acts @ W_dec + b_dec`` of JumpReLU latents ``[B, d_sae]``; sparse when that pays.
 
     JumpReLU's backward reads ``feature_acts``' gradient only where a latent is active
-    (``π > θ``) or within the threshold's kernel (``|π − θ| < ε/2``). Where at most
-    ``THRESHOLD_DECODE_DENSITY_LIMIT`` of the entries lie in the band ``π > θ − ε`` (half a
-    bandwidth beyond the kernel, far above rounding), the decode is a :class:`SparseDecode` over
-    those entries: ``W_dec``'s and ``b_dec``'s gradients and the band's entries' gradients are
-    the dense decode's; the others get 0, which that backward multiplies by 0 anyway. Otherwise,
-    or for inputs of another dtype than ``W_dec`` (autocast), the decode is dense. The density is
-    read on the host (free on CPU; on CUDA one synchronisation).
+    (``π > θ``) or within the threshold's kernel (``|π − θ| < ε/2``, computed in ``π``'s dtype).
+    Where at most ``THRESHOLD_DECODE_DENSITY_LIMIT`` of the entries lie in the band
+    ``π > min(θ − ε, θ⁻)`` (``θ⁻`` the next value below ``θ``), the decode is a
+    :class:`SparseDecode` over those entries: ``W_dec``'s and ``b_dec``'s gradients and the band's
+    entries' gradients are the dense decode's; the others get 0, which that backward multiplies
+    by 0 anyway. Otherwise, or for latents of another dtype than ``W_dec``, the decode is
+    dense. The density is read on the host (free on CPU; on CUDA one synchronisation).
+
+    ``θ⁻``: in bf16/fp16, ``θ − ε`` rounds to ``θ`` once ``ε`` is under half ``θ``'s spacing
+    (bf16 from ``θ = 0.5``, fp16 from ``θ = 4`` at sae-lens's ``ε = 0.001``), yet the kernel
+    still holds ``π = θ``. Every other kernel entry lies above the rounded ``θ − ε``.
     """
     with torch.no_grad():
-        band = hidden_pre > threshold - bandwidth
+        below = torch.nextafter(threshold, threshold.new_tensor(-torch.inf))
+        band = hidden_pre > torch.minimum(threshold - bandwidth, below)
         sparse = (
             feature_acts.dtype == W_dec.dtype
             and int(torch.count_nonzero(band)) <= THRESHOLD_DECODE_DENSITY_LIMIT * band.numel()

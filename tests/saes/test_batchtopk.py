@@ -30,6 +30,14 @@ def test_steps_and_threshold_match_sae_lens(dtype: torch.dtype, rescale: bool, k
     assert "cut_off_hint" not in fast.state_dict()  # a speed hint, not state
 
 
+def test_cut_off_hint_is_built_beside_the_weights():
+    """An SAE built on a device (``cfg.device``) keeps its hint there: no host copy per step."""
+    cfg = BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, device="meta")
+    sae = FastBatchTopKTrainingSAE(cfg)
+    assert sae.W_dec.device == sae.topk_threshold.device == torch.device("meta")
+    assert sae.cut_off_hint.device == sae.W_dec.device
+
+
 def test_outlier_tokens_extend_their_candidates():
     """A token with far more than 2k winners: the exactness check makes it list more."""
     cfg = BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=2)

@@ -412,3 +412,28 @@ def test_sparse_decode_trains_as_sae_lens(monkeypatch, dtype, mode, anthropic):
         expected = grad.to(ours_grads[name].dtype)  # our threshold stays float32
         close = tolerance if expected.dtype == dtype else FLOAT32_TOLERANCE
         torch.testing.assert_close(ours_grads[name], expected, **close, msg=name)
+
+
+def test_autocast_runs_sae_lens_lines(monkeypatch):
+    """Under autocast the pass is sae-lens's own (the encoder product and the dense decode in
+    autocast's dtype) even where few latents are near their thresholds: the same outputs and
+    loss to the bit, never a float32 sparse decode."""
+    from lightning_sae.saes import kernels
+
+    calls = []
+    sparse_decode = kernels.SparseDecode.apply
+    monkeypatch.setattr(
+        kernels.SparseDecode, "apply", lambda *a: calls.append(1) or sparse_decode(*a)
+    )
+    theirs = reference(jumprelu_bandwidth=0.3)
+    x = torch.randn(256, D_IN)
+    with torch.no_grad():  # ~3% of the entries above θ - ε: the sparse decode would pay
+        hidden_pre = (x - theirs.b_dec) @ theirs.W_enc + theirs.b_enc
+        theirs.threshold.copy_(hidden_pre.quantile(0.985, dim=0))
+    ours = AdaptiveJumpReLUTrainingSAE.from_sae_lens(theirs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_theirs = theirs.training_forward_pass(step_input(x))
+        out_ours = ours.training_forward_pass(step_input(x))
+    assert not calls
+    torch.testing.assert_close(out_ours.sae_out, out_theirs.sae_out, rtol=0, atol=0)
+    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=0, atol=0)

@@ -15,6 +15,7 @@ from lightning_sae.saes.kernels import (
     row_topk,
     sampled_products,
     select_batch_topk,
+    threshold_decode,
 )
 
 B, D = 16, 48
@@ -66,6 +67,21 @@ def test_heavy_tailed_rows_need_one_extension(seed, monkeypatch):
     monkeypatch.setattr(kernels, "select_batch_topk", lambda *a: calls.append(1) or select(*a))
     entries = batch_topk_entries(scores, total, m)
     assert len(calls) == 2  # the first selection missed winners; the second is final
+    assert torch.equal(
+        densify(scores, entries.rows, entries.cols), reference_batch_topk(scores, total)
+    )
+
+
+def test_saturated_row_keeps_its_winner_at_the_cut_off():
+    """The cut-off may be a saturated row's own smallest candidate: re-listed with every entry at
+    or above the cut-off (not only above it), the row keeps that winner."""
+    torch.manual_seed(0)
+    scores = 0.5 * torch.rand(4, 16)
+    scores[0] = torch.arange(16.0, 0.0, -1.0)
+    total, m = 2, 2
+    _, cut_off, saturated = select_batch_topk(row_candidates(scores, m), total)
+    assert cut_off == 15.0 and saturated[0]
+    entries = batch_topk_entries(scores, total, m)
     assert torch.equal(
         densify(scores, entries.rows, entries.cols), reference_batch_topk(scores, total)
     )
@@ -228,3 +244,46 @@ def test_nested_squared_errors_are_autograds(aux_levels):
     ]
     for actual, expected in zip(*grads, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "low", "high"),
+    [(torch.bfloat16, 0.6, 1.5), (torch.float16, 4.5, 12.0)],
+    ids=["bf16", "fp16"],
+)
+def test_threshold_decode_keeps_the_entries_at_their_threshold(dtype, low, high, monkeypatch):
+    """Thresholds where ``θ − ε`` rounds to ``θ`` (sae-lens's ε = 0.001): the backward's kernel
+    still holds ``π = θ``, so the sparse decode gives those entries the dense decode's gradient
+    (bf16/fp16 rounding apart: rtol 2e-2, atol 2e-2 on gradients of order 3)."""
+    from lightning_sae.saes import kernels
+
+    calls = []
+    sparse_decode = kernels.SparseDecode.apply
+    monkeypatch.setattr(
+        kernels.SparseDecode, "apply", lambda *a: calls.append(1) or sparse_decode(*a)
+    )
+    torch.manual_seed(0)
+    batch, d_in, d_sae, bandwidth = 64, 8, 32, 0.001
+    threshold = torch.linspace(low, high, d_sae).to(dtype)
+    assert torch.equal(threshold - bandwidth, threshold)  # the case: θ − ε rounds to θ
+    hidden_pre = (0.1 * torch.randn(batch, d_sae)).to(dtype)  # far below θ
+    pick = torch.rand(batch, d_sae)
+    at = pick < 0.03
+    hidden_pre[at] = threshold.expand_as(hidden_pre)[at]  # exactly at θ: inside the kernel
+    above = (pick > 0.97).to(dtype)
+    hidden_pre += above * (threshold + 0.5)
+    W_dec = torch.randn(d_sae, d_in, dtype=dtype, requires_grad=True)
+    b_dec = torch.zeros(d_in, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(batch, d_in, dtype=dtype)
+    acts = (hidden_pre * (hidden_pre > threshold)).requires_grad_()
+    grads = []
+    for decode in (threshold_decode, lambda a, _pre, _theta, _eps, W, b: a @ W + b):
+        acts.grad = None
+        (decode(acts, hidden_pre, threshold, bandwidth, W_dec, b_dec) * grad_out).sum().backward()
+        grads.append(acts.grad.clone())
+    assert calls  # the sparse decode ran
+    # What JumpReLUWithL0's backward reads: active entries and the kernel, in π's dtype.
+    read = (hidden_pre > threshold) | (((hidden_pre - threshold) / bandwidth).abs() < 0.5)
+    assert read[at].all() and at.any()
+    sparse, dense = grads
+    torch.testing.assert_close(sparse[read], dense[read], rtol=2e-2, atol=2e-2)
