@@ -27,7 +27,7 @@ Also run: the target-L0 check of issue 10 (``JumpReLUSAE(target_l0=32)`` on the 
 d_sae 4×576, batch 4,096, 1,000 steps), with ``--target-check``; it takes about as long as the
 rest together.
 
-    python benchmarks/pareto.py                  # the frontier (~30 min on an idle 2-core CPU)
+    python benchmarks/pareto.py                  # the frontier (~15 min, idle 2-core CPU)
     python benchmarks/pareto.py --target-check   # issue 10's real-data target-L0 check
     python benchmarks/pareto.py --quick          # smoke run of both parts (about a minute)
     python benchmarks/pareto.py --datasets smollm2   # re-run one data set, keep the other's entry
