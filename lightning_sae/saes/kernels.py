@@ -173,7 +173,7 @@ def batch_topk_entries(
 ) -> Entries:
     """Exact top-``total`` entries of ``relu(scores)`` over the whole ``[B, d]`` matrix, sorted.
 
-    With a positive ``cut_off_hint`` (the previous batch's cut-off, a little lowered), the entries
+    With a ``cut_off_hint`` (the previous batch's cut-off, a little lowered), the entries
     at or above it are taken first: when there are at least ``total`` of them (and at most
     ``HINT_MAX_CANDIDATES`` times as many), every winner is among them, and one top-k over them
     is exact — one comparison pass over the matrix instead of a per-row top-k. Otherwise:
@@ -190,7 +190,7 @@ def batch_topk_entries(
     if total == 0:  # k·B < 1: nothing fires, as in sae-lens
         empty = torch.zeros(0, dtype=torch.long, device=scores.device)
         return Entries(empty, empty, scores.new_zeros(0), row_offsets(empty, batch))
-    if cut_off_hint is not None and bool(cut_off_hint > 0):
+    if cut_off_hint is not None:  # exact for any hint once `total` entries reach it
         above = scores >= cut_off_hint
         count = int(torch.count_nonzero(above))  # a bool ``sum`` would widen to int64 first
         if total <= count <= HINT_MAX_CANDIDATES * total:
