@@ -55,6 +55,7 @@ from lightning_sae.data.models import HookedModel, exported_hook, transformer_le
 from lightning_sae.data.sources import TokenSource
 from lightning_sae.data.store import TOKEN_IDS, stored_input_tokens, write_store
 from lightning_sae.errors import ConfigurationError
+from lightning_sae.modules.validation import check_positive_ints
 
 
 class _Batches(IterableDataset):
@@ -198,16 +199,15 @@ class ActivationDataModule(LightningDataModule):
         cache_options = {k: v for k, v in options.items() if k != "storage_options"} or None
         # "seed" is the SAE module's name too: Lightning refuses to log two different values.
         self.save_hyperparameters(ignore=["model", "dataset", "tokenizer", "seed"])
-        for name in (
-            "context_size",
-            "batch_size",
-            "shuffle_buffer_tokens",
-            "model_batch_size",
-            "val_tokens",
-        ):
-            value = locals()[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_positive_ints(
+            {
+                "context_size": context_size,
+                "batch_size": batch_size,
+                "shuffle_buffer_tokens": shuffle_buffer_tokens,
+                "model_batch_size": model_batch_size,
+                "val_tokens": val_tokens,
+            }
+        )
         for name in ("holdout_documents", "num_workers", "seed"):
             if locals()[name] < 0:
                 raise ValueError(f"{name} must be >= 0, got {locals()[name]!r}.")
@@ -470,8 +470,7 @@ class ActivationDataModule(LightningDataModule):
             The store's path or URL.
 
         """
-        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
-            raise ValueError(f"n_tokens must be positive (an integer), got {n_tokens!r}.")
+        check_positive_ints({"n_tokens": n_tokens})
         source = self.source
         if not isinstance(source, LiveSource):
             raise ValueError(

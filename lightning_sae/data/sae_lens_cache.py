@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_sae.data.store import TOKEN_IDS, _take
+from lightning_sae.modules.validation import check_positive_ints
 
 FORMAT = "sae-lens-cached-activations"
 #: Written beside the dataset by sae-lens when it pushes a cache to the hub.
@@ -87,10 +88,7 @@ class SaeLensCache:
             )
         if holdout_tokens < 0:
             raise ValueError(f"holdout_tokens must be >= 0, got {holdout_tokens}.")
-        if shuffle_buffer_tokens <= 0:
-            raise ValueError(
-                f"shuffle_buffer_tokens must be positive, got {shuffle_buffer_tokens}."
-            )
+        check_positive_ints({"shuffle_buffer_tokens": shuffle_buffer_tokens})
         features = json.loads((self.path / "dataset_info.json").read_text())["features"]
         available = [k for k, f in features.items() if f.get("_type") == "Array2D"]
         self.hook_names: list[str] = list(hook_names or available)
@@ -208,8 +206,7 @@ class SaeLensCache:
         The rows are memory-mapped and gathered in the main process: ``num_workers`` is
         accepted for the common interface and not used.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        check_positive_ints({"batch_size": batch_size})
         initialised = dist.is_available() and dist.is_initialized()
         rank, ranks = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
         if self.train_rows < ranks:

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from lightning_sae.distributed import world_size
 from lightning_sae.io import atomic_write_text
+from lightning_sae.modules.validation import check_positive_ints
 
 FORMAT = "lightning-sae-activation-store"
 VERSION = 1
@@ -257,13 +258,13 @@ def write_store(
     """
     location = _Location(path, storage_options)
     _litdata()
-    for name, value in (
-        ("block_tokens", block_tokens),
-        ("chunk_bytes", chunk_bytes),
-        ("shuffle_buffer_tokens", shuffle_buffer_tokens),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    check_positive_ints(
+        {
+            "block_tokens": block_tokens,
+            "chunk_bytes": chunk_bytes,
+            "shuffle_buffer_tokens": shuffle_buffer_tokens,
+        }
+    )
     if dtype is not None and not str_to_dtype(dtype).is_floating_point:
         raise ValueError(f"dtype must be a float type (float32, bfloat16...), not {dtype}.")
     request = {
@@ -753,8 +754,7 @@ class ActivationStore:
         the rank and world size when the dataset is built. The batches come in the stored
         dtype; the position restored by :meth:`load_state_dict` is where it starts.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        check_positive_ints({"batch_size": batch_size})
         items = -(-batch_size // self.block_tokens)
         ranks = world_size()
         n_items = self.n_tokens // self.block_tokens

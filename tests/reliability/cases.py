@@ -964,7 +964,7 @@ def _cases() -> list[Case]:
             lambda w, t: live_data(w.model, w.tokens).write_cache(t / "c", n_tokens=0),
             "ValueError",
             ("n_tokens", "0"),
-            "must be positive",
+            "must be a positive integer",
         ),
         C(
             "cache-calibration-beyond-holdout",
