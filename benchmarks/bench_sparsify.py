@@ -30,6 +30,7 @@ import torch
 from bench_step import Clock, build_config, make_step, peak_extra_bytes
 from sae_lens.saes.sae import TrainStepInput
 
+from lightning_sae.io import atomic_write_text
 from lightning_sae.saes import TRAINING_CLASSES
 
 RESULTS = Path(__file__).parent / "results"
@@ -159,7 +160,7 @@ def write_markdown(result: dict, path: Path) -> None:
         times = " | ".join(f"{row[f'{name}_x']}×" for name in STEPS)
         peaks = " | ".join(str(row[f"{name}_peak"]) for name in STEPS)
         lines.append(f"| {row['case']} | {row['d_sae']} | {row['unit_ms']} | {times} | {peaks} |")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sparsify.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / "sparsify.json", json.dumps(result, indent=2) + "\n")
     write_markdown(result, args.out / "sparsify.md")
     print((args.out / "sparsify.md").read_text())
     return result
