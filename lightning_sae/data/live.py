@@ -6,7 +6,8 @@ How a rank's chunks are built, and why:
    ``holdout_documents`` are held out (validation, calibration, evaluation); of the rest, shard
    ``s = global_rank * W + worker_id`` of ``S = world_size * W`` (``W`` dataloader workers, at
    least 1) reads documents ``s, s + S, ...``, so shards are disjoint and cover the source. Every
-   shard cycles through its documents forever; ``max_steps`` ends the run.
+   shard cycles through its documents forever (warning once when it first starts over);
+   ``max_steps`` ends the run.
 2. **Chunks.** Documents are tokenised and packed into ``context_size`` rows (in the workers), and
    rows are grouped into chunks of ``rows_per_chunk`` rows. A rank takes chunks from its workers in
    turn.
@@ -16,6 +17,7 @@ How a rank's chunks are built, and why:
    is the mixing buffer, so a batch draws tokens from every document of the chunk.
 """
 
+import warnings
 from collections.abc import Iterator
 from functools import partial
 from itertools import count, islice
@@ -63,7 +65,7 @@ class _TokenChunks(IterableDataset):
             yield shard, index, torch.stack(list(islice(rows, self.rows_per_chunk)))
 
     def _rows(self, shard: int, num_shards: int) -> Iterator[Tensor]:
-        while True:  # one pass over the shard's documents per epoch, forever
+        for epoch in count():  # one pass over the shard's documents per epoch, forever
             documents = self.source.documents(self.first_document + shard, num_shards)
             n_rows = 0
             for row in pack(documents, self.tokenizer, self.context_size, self.bos_token_id):
@@ -75,6 +77,14 @@ class _TokenChunks(IterableDataset):
                     f"{self.context_size}-token row: the dataset is too small for "
                     f"{num_shards} shards. Use fewer ranks/workers, a smaller context_size, or "
                     "more data."
+                )
+            if epoch == 0:
+                warnings.warn(
+                    f"Shard {shard} of {num_shards} (rank x dataloader worker) used up its "
+                    f"training documents after {n_rows} rows of {self.context_size} tokens: the "
+                    "stream starts over, so activations repeat from here on (a store written "
+                    "now holds repeated tokens). Use more documents, or fewer tokens/steps.",
+                    stacklevel=2,
                 )
 
 

@@ -392,3 +392,16 @@ def test_command_line_writes_a_store_and_trains_from_it(tmp_path, capsys):
              f"--data.init_args.dataset={json.dumps(run_code)}"])  # fmt: skip
     assert exit_.value.code == 2 and "is not allowed" in capsys.readouterr().err
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "y").exists()
+
+
+def test_write_cache_warns_when_the_documents_run_out(model, documents, tmp_path) -> None:
+    """A store asked for more tokens than the training documents hold says they repeat."""
+    few = ActivationDataModule(
+        model=model, hook_names=HOOKS, dataset=documents[:6], context_size=32, batch_size=128,
+        shuffle_buffer_tokens=512, shuffle=False, holdout_documents=4,
+    )  # fmt: skip
+    few.setup("fit")
+    enough = sum(len(text) for text in documents[4:6])  # more tokens than the two hold
+    with pytest.warns(UserWarning, match="used up its training documents"):
+        few.write_cache(tmp_path / "store", n_tokens=enough, holdout_tokens=0, **STORE)
+    assert (tmp_path / "store" / INDEX).exists()
