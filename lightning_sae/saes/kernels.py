@@ -15,8 +15,8 @@ index) and ``cols`` (latent index) of the few non-zero latents. After one dense 
   exactness check fails), :func:`dead_row_topk` (AuxK), :func:`positive_entries` (ReLU);
 * :class:`DenseEncoder`: the dense encoder product for the Standard/Gated dense paths, whose
   backward skips the input gradient;
-* :func:`threshold_band`: the entries a JumpReLU backward reads; :func:`threshold_decode`:
-  JumpReLU's decoder, sparse over them.
+* :func:`threshold_band`: the entries a JumpReLU backward reads (the sparse JumpReLU pass's
+  entries); :func:`threshold_decode`: the dense JumpReLU pass's decoder, sparse over them.
 
 Sharding: a rank holding latents ``[offset, offset + d_local)`` calls :func:`row_topk` or
 :func:`row_candidates` with ``column_offset=offset``; the candidates of all ranks (values, rows,
@@ -551,7 +551,8 @@ class DenseEncoder(torch.autograd.Function):
 
 
 #: Largest fraction of a JumpReLU step's entries in its gradient band for which
-#: :func:`threshold_decode` decodes sparsely (measured crossover, ``benchmarks/bench_step.py``).
+#: :func:`threshold_decode` decodes sparsely (crossover of the decode alone, measured with
+#: ``benchmarks/bench_step.py`` before its JumpReLU rows timed the whole sparse pass).
 THRESHOLD_DECODE_DENSITY_LIMIT = 0.1
 
 
