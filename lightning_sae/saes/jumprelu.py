@@ -52,6 +52,13 @@ stay identical on every rank; the data-driven start averages the ranks' quantile
 The extra buffers are in training checkpoints and dropped from inference exports, which stay
 sae-lens's built-in ``jumprelu`` (this class is not registered under any name).
 
+The training pass is fused (:class:`JumpReLUWithL0`: one mask for activation, L0 and backward)
+and, when few pre-activations lie in the band its backward pass reads (at most
+``sparse_density_limit`` of the entries above ``min(θ − ε, θ⁻)``), sparse: the encoder's
+gradients, the pseudo-derivatives, the per-token L0 and the decoder run on those entries only
+(:class:`JumpReLUEntries`), and ``feature_acts`` is returned as a CSR tensor. Both share the
+pseudo-derivatives (:func:`jumprelu_gradients`); tests compare both with sae-lens.
+
 >>> sae = AdaptiveJumpReLUTrainingSAE(
 ...     AdaptiveJumpReLUTrainingSAEConfig(d_in=8, d_sae=32, target_l0=4.0, l0_controller_gain=0.02)
 ... )

@@ -205,3 +205,33 @@ def test_sparse_and_dense_passes_train_alike():
     states = copy.deepcopy(sparse.state_dict()), dense_sae.state_dict()
     for name, value in states[1].items():
         torch.testing.assert_close(states[0][name], value, **TOLERANCES[torch.float32], msg=name)
+
+
+@pytest.mark.parametrize("ste_to_input", [False, True])
+def test_l0_alone_backpropagates_as_sae_lens(ste_to_input):
+    """sae-lens's aux-loss entry point: the L0 loss alone reaches ``θ`` (and ``π`` with
+    ``ste_to_input``) as sae-lens's ``Step`` sends it (float64; ``θ`` float32)."""
+    theirs, x = build_reference(jumprelu_ste_to_input=ste_to_input)
+    ours = ours_of(theirs)
+    step_input = TrainStepInput(
+        sae_in=x,
+        coefficients={"l0": 0.7},
+        dead_neuron_mask=None,
+        n_training_steps=0,
+        is_logging_step=False,
+    )
+    hidden_pre = theirs.encode_with_hidden_pre(x)[1].detach()
+    grads = []
+    for sae in (theirs, ours):
+        pre = hidden_pre.clone().requires_grad_()
+        sae.calculate_aux_loss(step_input, None, pre, None)["l0_loss"].backward()
+        grads.append((pre.grad, sae.threshold.grad))
+    (theirs_pre, theirs_threshold), (ours_pre, ours_threshold) = grads
+    assert theirs_threshold.abs().max() > 0
+    torch.testing.assert_close(ours_threshold, theirs_threshold, **TOLERANCES[torch.float32])
+    if ste_to_input:
+        assert theirs_pre.abs().max() > 0
+        torch.testing.assert_close(ours_pre, theirs_pre, **TOLERANCES[torch.float64])
+    else:
+        assert theirs_pre is None or not theirs_pre.any()
+        assert ours_pre is None or not ours_pre.any()
