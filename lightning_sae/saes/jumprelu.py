@@ -190,6 +190,11 @@ class JumpReLUWithL0(torch.autograd.Function):
         return grad_hidden, grad_threshold, None, None
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype that sums of ``dtype`` values accumulate in (at least float32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class JumpReLUEntries(torch.autograd.Function):
     """:class:`JumpReLUWithL0` on sparse entries: pre-activations ``π_e`` at ``(rows, cols)``.
 
@@ -198,6 +203,8 @@ class JumpReLUEntries(torch.autograd.Function):
     :func:`jumprelu_gradients` on the entries, ``θ``'s gradient summed per latent
     (``index_add``): exactly the dense function's wherever every active entry and every entry
     inside the kernel is listed (:func:`~lightning_sae.saes.kernels.threshold_band`).
+    ``threshold`` may have another dtype (sae-lens keeps it float32): it is cast per entry, and
+    both sums (L0, ``θ``'s gradient) accumulate in at least float32, as a dense ``sum`` does.
     """
 
     @staticmethod
@@ -212,10 +219,12 @@ class JumpReLUEntries(torch.autograd.Function):
         ste_to_input: bool,
     ) -> tuple[Tensor, Tensor]:
         """Return the entries' latents ``[n]`` and the per-token L0 ``[batch]`` (float)."""
-        active = (values > threshold[cols]).to(values.dtype)
+        active = (values > threshold[cols].to(values.dtype)).to(values.dtype)
         ctx.save_for_backward(values, threshold, active, rows, cols)
         ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
-        return values * active, values.new_zeros(batch).index_add_(0, rows, active)
+        total = _accumulator(values.dtype)
+        l0 = values.new_zeros(batch, dtype=total).index_add_(0, rows, active.to(total))
+        return values * active, l0.to(values.dtype)
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -225,7 +234,7 @@ class JumpReLUEntries(torch.autograd.Function):
         values, threshold, active, rows, cols = ctx.saved_tensors
         grad_values, pseudo = jumprelu_gradients(
             values,
-            threshold[cols],
+            threshold[cols].to(values.dtype),
             active,
             ctx.bandwidth,
             ctx.ste_to_input,
@@ -235,7 +244,10 @@ class JumpReLUEntries(torch.autograd.Function):
         )
         grad_threshold = None
         if pseudo is not None and ctx.needs_input_grad[1]:
-            grad_threshold = torch.zeros_like(threshold).index_add_(0, cols, pseudo, alpha=-1)
+            total = _accumulator(values.dtype)
+            grad_threshold = threshold.new_zeros(threshold.shape, dtype=total)
+            grad_threshold.index_add_(0, cols, pseudo.to(total), alpha=-1)
+            grad_threshold = grad_threshold.to(threshold.dtype)
         return grad_values, grad_threshold, None, None, None, None, None
 
 
@@ -534,7 +546,7 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
         pre = SampledEncoder.apply(values, x_centered, self.W_enc, self.b_enc, b_dec, None, layout)
         acts, l0 = JumpReLUEntries.apply(
             pre,
-            self.threshold.to(pre.dtype),
+            self.threshold,
             layout.rows,
             layout.cols,
             batch,
