@@ -52,6 +52,13 @@ stay identical on every rank; the data-driven start averages the ranks' quantile
 The extra buffers are in training checkpoints and dropped from inference exports, which stay
 sae-lens's built-in ``jumprelu`` (this class is not registered under any name).
 
+The training pass is fused (:class:`JumpReLUWithL0`: one mask for activation, L0 and backward)
+and, when few pre-activations lie in the band its backward pass reads (at most
+``sparse_density_limit`` of the entries above ``min(θ − ε, θ⁻)``), sparse: the encoder's
+gradients, the pseudo-derivatives, the per-token L0 and the decoder run on those entries only
+(:class:`JumpReLUEntries`), and ``feature_acts`` is returned as a CSR tensor. Both share the
+pseudo-derivatives (:func:`jumprelu_gradients`); tests compare both with sae-lens.
+
 >>> sae = AdaptiveJumpReLUTrainingSAE(
 ...     AdaptiveJumpReLUTrainingSAEConfig(d_in=8, d_sae=32, target_l0=4.0, l0_controller_gain=0.02)
 ... )
@@ -74,7 +81,18 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sae.distributed import all_reduce_mean
-from lightning_sae.saes.kernels import DenseEncoder, runs_sae_lens_pass, threshold_decode
+from lightning_sae.saes.kernels import (
+    DenseEncoder,
+    Entries,
+    SampledEncoder,
+    SparseDecode,
+    entry_layout,
+    row_offsets,
+    runs_sae_lens_pass,
+    sparse_csr,
+    threshold_band,
+    threshold_decode,
+)
 
 #: Bound of the controller's log-multiplier of the L0 coefficient (λ stays within 10⁻⁴..10⁴ × λ₀).
 MAX_LOG_SCALE = math.log(1e4)
@@ -89,63 +107,148 @@ _EXTRA_STATE = {
 }
 
 
+def jumprelu_gradients(
+    hidden_pre: Tensor,
+    threshold: Tensor,
+    active: Tensor,
+    bandwidth: float,
+    ste_to_input: bool,
+    grad_acts: Tensor | None,
+    grad_l0: Tensor | None,
+    needs_hidden_grad: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """sae-lens's ``JumpReLU`` and ``Step`` pseudo-derivatives together, element-wise.
+
+    With the rectangle kernel ``K(u) = 1[|u| < ½]`` of bandwidth ε at ``u = (π − θ)/ε``:
+    ``∂f/∂π = H``, ``∂f/∂θ = −(θ/ε)·K``, ``∂L0/∂θ = −(1/ε)·K``, plus the kernel terms to ``π``
+    (``+(θ/ε)·K`` and ``+(1/ε)·K``) when ``ste_to_input``. Works on any shape:
+    ``threshold`` and ``grad_l0`` (the per-token L0's gradient) broadcast to ``hidden_pre``'s;
+    ``active`` is ``H(π − θ)`` in ``π``'s dtype (the forward pass's mask).
+
+    Returns the gradient of ``π`` (None unless ``needs_hidden_grad``) and the kernel term ``p``
+    of every entry, ``K·(grad_acts·θ/ε + grad_l0/ε)``: ``θ``'s gradient is ``−p`` summed per
+    latent. Each product is sae-lens's to the bit; only the sums are taken in another order.
+    Two temporaries the size of ``π``, the second reused for ``π``'s gradient.
+    """
+    if grad_acts is None and grad_l0 is None:
+        return None, None
+    pseudo = (hidden_pre - threshold).div_(bandwidth).abs_().lt_(0.5)  # K, then p in place
+    if grad_acts is not None:
+        scaled = grad_acts * (threshold / bandwidth)
+        if grad_l0 is not None:
+            scaled.add_(grad_l0 * (1.0 / bandwidth))
+    else:
+        assert grad_l0 is not None
+        scaled = (grad_l0 * (1.0 / bandwidth)).expand_as(pseudo)
+    pseudo.mul_(scaled)
+    if not needs_hidden_grad:
+        return None, pseudo
+    if grad_acts is None:
+        return (pseudo.clone() if ste_to_input else torch.zeros_like(pseudo)), pseudo
+    grad_hidden = torch.mul(grad_acts, active, out=scaled)  # ``scaled`` is spent
+    if ste_to_input:
+        grad_hidden.add_(pseudo)
+    return grad_hidden, pseudo
+
+
 class JumpReLUWithL0(torch.autograd.Function):
     """``f = π·H(π − θ)`` and the per-token L0 ``Σ_i H(π_i − θ_i)`` in one element-wise pass.
 
-    The pseudo-derivatives are sae-lens's ``JumpReLU`` and ``Step`` functions' together (rectangle
-    kernel ``K(u) = 1[|u| < ½]`` of bandwidth ε): ``∂f/∂π = H``, ``∂f/∂θ = −(θ/ε)·K``,
-    ``∂L0/∂θ = −(1/ε)·K``, plus the kernel terms to ``π`` when ``ste_to_input``. sae-lens runs two
-    functions that each build their own masks; here one mask serves the activation and the L0, and
-    the backward pass needs one kernel mask and one product for both threshold terms.
+    The pseudo-derivatives are sae-lens's ``JumpReLU`` and ``Step`` functions' together
+    (:func:`jumprelu_gradients`). sae-lens runs two functions that each build their own masks;
+    here one mask (in ``π``'s dtype: a bool mask's products and sums are several times slower
+    on CPU) serves the activation, the L0 and the backward pass.
     """
 
     @staticmethod
-    def forward(
-        hidden_pre: Tensor, threshold: Tensor, bandwidth: float, ste_to_input: bool
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden_pre: Tensor, threshold: Tensor, bandwidth: float, ste_to_input: bool
     ) -> tuple[Tensor, Tensor]:
         """Return the latents ``[..., d_sae]`` and the per-token L0 ``[...]`` (float)."""
-        del bandwidth, ste_to_input
-        active = hidden_pre > threshold
-        feature_acts = hidden_pre * active
-        return feature_acts, active.sum(dim=-1, dtype=hidden_pre.dtype)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        """Save ``π`` and ``θ`` (not the outputs) for the backward pass."""
-        hidden_pre, threshold, bandwidth, ste_to_input = inputs
-        ctx.save_for_backward(hidden_pre, threshold)
+        active = torch.gt(hidden_pre, threshold, out=torch.empty_like(hidden_pre))
+        ctx.save_for_backward(hidden_pre, threshold, active)
         ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
+        return hidden_pre * active, active.sum(dim=-1)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_acts: Tensor | None, grad_l0: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, None, None]:
-        """Pseudo-gradients to ``π`` and ``θ`` (see the class docstring)."""
-        hidden_pre, threshold = ctx.saved_tensors
-        in_kernel = ((hidden_pre - threshold) / ctx.bandwidth).abs_() < 0.5
-        # The threshold's pseudo-gradient per entry, before the kernel and the 1/ε factor.
-        pseudo = None
-        if grad_acts is not None:
-            pseudo = grad_acts * threshold
-        if grad_l0 is not None:
-            per_token = grad_l0.unsqueeze(-1)
-            pseudo = (
-                per_token.expand_as(hidden_pre).clone()
-                if pseudo is None
-                else pseudo.add_(per_token)
-            )
-        if pseudo is None:
-            return None, None, None, None
-        pseudo.masked_fill_(~in_kernel, 0.0).div_(ctx.bandwidth)
-        grad_threshold = -pseudo.sum(dim=tuple(range(pseudo.ndim - 1)))
-        grad_hidden = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = torch.zeros_like(hidden_pre)
-            if grad_acts is not None:
-                grad_hidden = grad_acts * (hidden_pre > threshold)
-            if ctx.ste_to_input:
-                grad_hidden = grad_hidden + pseudo
+        """Pseudo-gradients to ``π`` and ``θ`` (:func:`jumprelu_gradients`)."""
+        hidden_pre, threshold, active = ctx.saved_tensors
+        grad_hidden, pseudo = jumprelu_gradients(
+            hidden_pre,
+            threshold,
+            active,
+            ctx.bandwidth,
+            ctx.ste_to_input,
+            grad_acts,
+            None if grad_l0 is None else grad_l0.unsqueeze(-1),
+            ctx.needs_input_grad[0],
+        )
+        grad_threshold = None if pseudo is None else -pseudo.sum(dim=tuple(range(pseudo.ndim - 1)))
         return grad_hidden, grad_threshold, None, None
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype that sums of ``dtype`` values accumulate in (at least float32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class JumpReLUEntries(torch.autograd.Function):
+    """:class:`JumpReLUWithL0` on sparse entries: pre-activations ``π_e`` at ``(rows, cols)``.
+
+    Returns each entry's latent ``f_e = π_e·H(π_e − θ_{col})`` and the per-token L0 ``[B]`` (the
+    active entries of each row; entries not listed count as inactive). The backward pass is
+    :func:`jumprelu_gradients` on the entries, ``θ``'s gradient summed per latent
+    (``index_add``): exactly the dense function's wherever every active entry and every entry
+    inside the kernel is listed (:func:`~lightning_sae.saes.kernels.threshold_band`).
+    ``threshold`` may have another dtype (sae-lens keeps it float32): it is cast per entry, and
+    both sums (L0, ``θ``'s gradient) accumulate in at least float32, as a dense ``sum`` does.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        values: Tensor,
+        threshold: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        batch: int,
+        bandwidth: float,
+        ste_to_input: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """Return the entries' latents ``[n]`` and the per-token L0 ``[batch]`` (float)."""
+        active = (values > threshold[cols].to(values.dtype)).to(values.dtype)
+        ctx.save_for_backward(values, threshold, active, rows, cols)
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
+        total = _accumulator(values.dtype)
+        l0 = values.new_zeros(batch, dtype=total).index_add_(0, rows, active.to(total))
+        return values * active, l0.to(values.dtype)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_acts: Tensor | None, grad_l0: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        """Pseudo-gradients to ``π_e`` and ``θ`` (:func:`jumprelu_gradients`)."""
+        values, threshold, active, rows, cols = ctx.saved_tensors
+        grad_values, pseudo = jumprelu_gradients(
+            values,
+            threshold[cols].to(values.dtype),
+            active,
+            ctx.bandwidth,
+            ctx.ste_to_input,
+            grad_acts,
+            None if grad_l0 is None else grad_l0[rows],
+            ctx.needs_input_grad[0],
+        )
+        grad_threshold = None
+        if pseudo is not None and ctx.needs_input_grad[1]:
+            total = _accumulator(values.dtype)
+            grad_threshold = threshold.new_zeros(threshold.shape, dtype=total)
+            grad_threshold.index_add_(0, cols, pseudo.to(total), alpha=-1)
+            grad_threshold = grad_threshold.to(threshold.dtype)
+        return grad_values, grad_threshold, None, None, None, None, None
 
 
 @dataclass
@@ -226,6 +329,10 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
     previous_threshold: Tensor
     log_l0_coefficient_scale: Tensor
     log_threshold_step: Tensor
+
+    #: Largest fraction of the entries in the threshold band for which the sparse pass is used
+    #: (measured crossover ~0.17 at d_sae 8192, ``benchmarks/bench_step.py``).
+    sparse_density_limit: ClassVar[float] = 0.15
 
     #: Buffers the module averages over DDP ranks after every training pass.
     rank_averaged_state: ClassVar[tuple[str, ...]] = (
@@ -356,44 +463,109 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
     # ------------------------------------------------------------------ training pass
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        """sae-lens's training pass, fused: one element-wise pass gives latents and L0.
+        """sae-lens's training pass, fused, and sparse when few entries lie in the band.
 
         In training mode the thresholds move first (:meth:`_move_thresholds`: the optimiser's
         last step scaled ``m``-fold, then the controller's pending common step). The loss terms,
-        outputs and gradients are sae-lens's (a test compares them); as in the other fast passes
-        the encoder product's backward skips the inputs' gradient (:class:`DenseEncoder`) and the
-        decode is sparse when few latents are near their thresholds (:func:`threshold_decode`).
+        outputs and gradients are sae-lens's (tests compare them). As in the other fast passes
+        the encoder product's backward skips the inputs' gradient (:class:`DenseEncoder`). When
+        at most ``sparse_density_limit`` of the entries lie in the band the backward pass reads
+        (:func:`threshold_band`; read on the host: free on CPU, one synchronisation on CUDA),
+        the step runs on those entries only (:meth:`_sparse_pass`); the sparsity modes that need
+        dense tensors (``tanh``, ``pre_act_loss_coefficient``) stay dense, their decode sparse
+        when few entries are in the band (:func:`threshold_decode`).
         """
         if self.training:
             self._move_thresholds()
         else:
             self.threshold.data.clamp_(min=0.0)  # sae-lens's projection (θ ≥ 0)
-        sae_lens_pass = runs_sae_lens_pass(self, step_input.sae_in)
+        cfg = self.cfg
+        sae_in = step_input.sae_in
         # Under autocast, sae-lens's own lines: ``+ b_enc`` makes the latents float32 again, so
-        # ``threshold_decode`` would decode them in float32 where sae-lens's decode is autocast's.
-        sae_lens_lines = sae_lens_pass or torch.is_autocast_enabled(step_input.sae_in.device.type)
+        # a fast decode would decode them in float32 where sae-lens's decode is autocast's.
+        sae_lens_lines = runs_sae_lens_pass(self, sae_in) or torch.is_autocast_enabled(
+            sae_in.device.type
+        )
+        dense_losses = (
+            cfg.jumprelu_sparsity_loss_mode == "tanh" or cfg.pre_act_loss_coefficient is not None
+        )
         if sae_lens_lines:
-            sae_in = self.process_sae_in(step_input.sae_in)
-            hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+            hidden_pre = self.hook_sae_acts_pre(
+                self.process_sae_in(sae_in) @ self.W_enc + self.b_enc
+            )
+            threshold = self.threshold.to(hidden_pre.dtype)
         else:  # the same product, whose backward skips the inputs' gradient
-            x = step_input.sae_in.detach().to(self.dtype)
-            b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+            x = sae_in.detach().to(self.dtype)
+            b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
             x_centered = x - self.b_dec.detach() if b_dec is not None else x
             hidden_pre = DenseEncoder.apply(x_centered, self.W_enc, self.b_enc, b_dec)
+            threshold = self.threshold.to(hidden_pre.dtype)
+            if not dense_losses:
+                with torch.no_grad():
+                    band = threshold_band(hidden_pre, threshold, self.bandwidth)
+                if int(torch.count_nonzero(band)) <= self.sparse_density_limit * band.numel():
+                    return self._sparse_pass(step_input, x_centered, b_dec, hidden_pre, band)
         feature_acts, l0 = JumpReLUWithL0.apply(
-            hidden_pre,
-            self.threshold.to(hidden_pre.dtype),
-            self.bandwidth,
-            self.cfg.jumprelu_ste_to_input,
+            hidden_pre, threshold, self.bandwidth, cfg.jumprelu_ste_to_input
         )
         feature_acts = self.hook_sae_acts_post(feature_acts)
         if sae_lens_lines:
             sae_out = self.decode(feature_acts)
-        else:  # sae-lens's decode without its idle hooks, sparse when few latents are near θ
-            threshold = self.threshold.to(hidden_pre.dtype)
+        elif dense_losses:  # sae-lens's decode without its idle hooks, sparse when few are near θ
             sae_out = threshold_decode(
-                feature_acts, hidden_pre, threshold, self.bandwidth, self.W_dec, self.b_dec
+                feature_acts, hidden_pre, threshold.detach(), self.bandwidth, self.W_dec, self.b_dec
             )
+        else:  # the band is too dense for a sparse decode to pay
+            sae_out = feature_acts @ self.W_dec + self.b_dec
+        return self._step_output(step_input, sae_out, feature_acts, hidden_pre, l0)
+
+    def _sparse_pass(
+        self,
+        step_input: TrainStepInput,
+        x_centered: Tensor,
+        b_dec: Tensor | None,
+        hidden_pre: Tensor,
+        band: Tensor,
+    ) -> TrainStepOutput:
+        """Run the training pass on the band's entries only (``step``/``quadratic`` modes).
+
+        The pre-activations at the entries (:class:`SampledEncoder`), JumpReLU and the per-token
+        L0 on them (:class:`JumpReLUEntries`), their decode (:class:`SparseDecode`): every
+        gradient comes from the entries alone, with no dense ``[B, d_sae]`` gradient and no
+        second dense product. ``feature_acts`` is a CSR tensor of the band's entries (those
+        below ``θ`` stored as zeros); ``hidden_pre`` is returned without gradient.
+        """
+        batch, d_sae = band.shape
+        with torch.no_grad():
+            # Flat positions: one gather of the values (two-index gathers cost ~4 times more).
+            flat = band.view(-1).nonzero().squeeze(1)
+            values = hidden_pre.detach().reshape(-1).index_select(0, flat)
+            rows, cols = flat.div(d_sae, rounding_mode="floor"), flat.remainder(d_sae)
+            entries = Entries(rows, cols, values, row_offsets(rows, batch))
+            layout = entry_layout(rows, cols, rows, batch, d_sae)
+        pre = SampledEncoder.apply(values, x_centered, self.W_enc, self.b_enc, b_dec, None, layout)
+        acts, l0 = JumpReLUEntries.apply(
+            pre,
+            self.threshold,
+            layout.rows,
+            layout.cols,
+            batch,
+            self.bandwidth,
+            self.cfg.jumprelu_ste_to_input,
+        )
+        sae_out = SparseDecode.apply(acts, self.W_dec, layout) + self.b_dec
+        feature_acts = sparse_csr(entries, acts.detach(), d_sae)
+        return self._step_output(step_input, sae_out, feature_acts, hidden_pre.detach(), l0)
+
+    def _step_output(
+        self,
+        step_input: TrainStepInput,
+        sae_out: Tensor,
+        feature_acts: Tensor,
+        hidden_pre: Tensor,
+        l0: Tensor,
+    ) -> TrainStepOutput:
+        """Return the pass's losses (reconstruction and sparsity terms) and outputs."""
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
         losses = {"mse_loss": mse_loss}
         losses |= self._sparsity_losses(step_input, feature_acts, hidden_pre, l0)
@@ -464,4 +636,10 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
             state_dict.pop(name, None)
 
 
-__all__ = ["AdaptiveJumpReLUTrainingSAE", "AdaptiveJumpReLUTrainingSAEConfig", "JumpReLUWithL0"]
+__all__ = [
+    "AdaptiveJumpReLUTrainingSAE",
+    "AdaptiveJumpReLUTrainingSAEConfig",
+    "JumpReLUEntries",
+    "JumpReLUWithL0",
+    "jumprelu_gradients",
+]

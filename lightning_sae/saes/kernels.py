@@ -15,7 +15,8 @@ index) and ``cols`` (latent index) of the few non-zero latents. After one dense 
   exactness check fails), :func:`dead_row_topk` (AuxK), :func:`positive_entries` (ReLU);
 * :class:`DenseEncoder`: the dense encoder product for the Standard/Gated dense paths, whose
   backward skips the input gradient;
-* :func:`threshold_decode`: JumpReLU's decoder, sparse over the entries its backward reads.
+* :func:`threshold_band`: the entries a JumpReLU backward reads (the sparse JumpReLU pass's
+  entries); :func:`threshold_decode`: the dense JumpReLU pass's decoder, sparse over them.
 
 Sharding: a rank holding latents ``[offset, offset + d_local)`` calls :func:`row_topk` or
 :func:`row_candidates` with ``column_offset=offset``; the candidates of all ranks (values, rows,
@@ -550,8 +551,24 @@ class DenseEncoder(torch.autograd.Function):
 
 
 #: Largest fraction of a JumpReLU step's entries in its gradient band for which
-#: :func:`threshold_decode` decodes sparsely (measured crossover, ``benchmarks/bench_step.py``).
+#: :func:`threshold_decode` decodes sparsely (crossover of the decode alone, measured with
+#: ``benchmarks/bench_step.py`` before its JumpReLU rows timed the whole sparse pass).
 THRESHOLD_DECODE_DENSITY_LIMIT = 0.1
+
+
+def threshold_band(hidden_pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """Mark the entries of JumpReLU pre-activations ``[B, d_sae]`` that its backward reads.
+
+    JumpReLU's backward reads ``feature_acts``' gradient only where a latent is active
+    (``π > θ``) or within the threshold's kernel (``|π − θ| < ε/2``, computed in ``π``'s dtype):
+    all of them lie in the band ``π > min(θ − ε, θ⁻)`` (``θ⁻`` the next value below ``θ``).
+
+    ``θ⁻``: in bf16/fp16, ``θ − ε`` rounds to ``θ`` once ``ε`` is under half ``θ``'s spacing
+    (bf16 from ``θ = 0.5``, fp16 from ``θ = 4`` at sae-lens's ``ε = 0.001``), yet the kernel
+    still holds ``π = θ``. Every other kernel entry lies above the rounded ``θ − ε``.
+    """
+    below = torch.nextafter(threshold, threshold.new_tensor(-torch.inf))
+    return hidden_pre > torch.minimum(threshold - bandwidth, below)
 
 
 def threshold_decode(
@@ -564,22 +581,15 @@ def threshold_decode(
 ) -> Tensor:
     """``feature_acts @ W_dec + b_dec`` of JumpReLU latents ``[B, d_sae]``; sparse when that pays.
 
-    JumpReLU's backward reads ``feature_acts``' gradient only where a latent is active
-    (``π > θ``) or within the threshold's kernel (``|π − θ| < ε/2``, computed in ``π``'s dtype).
-    Where at most ``THRESHOLD_DECODE_DENSITY_LIMIT`` of the entries lie in the band
-    ``π > min(θ − ε, θ⁻)`` (``θ⁻`` the next value below ``θ``), the decode is a
-    :class:`SparseDecode` over those entries: ``W_dec``'s and ``b_dec``'s gradients and the band's
-    entries' gradients are the dense decode's; the others get 0, which that backward multiplies
-    by 0 anyway. Otherwise, or for latents of another dtype than ``W_dec``, the decode is
-    dense. The density is read on the host (free on CPU; on CUDA one synchronisation).
-
-    ``θ⁻``: in bf16/fp16, ``θ − ε`` rounds to ``θ`` once ``ε`` is under half ``θ``'s spacing
-    (bf16 from ``θ = 0.5``, fp16 from ``θ = 4`` at sae-lens's ``ε = 0.001``), yet the kernel
-    still holds ``π = θ``. Every other kernel entry lies above the rounded ``θ − ε``.
+    Where at most ``THRESHOLD_DECODE_DENSITY_LIMIT`` of the entries lie in the
+    :func:`threshold_band`, the decode is a :class:`SparseDecode` over those entries: ``W_dec``'s
+    and ``b_dec``'s gradients and the band's entries' gradients are the dense decode's; the
+    others get 0, which JumpReLU's backward multiplies by 0 anyway. Otherwise, or for latents of
+    another dtype than ``W_dec``, the decode is dense. The density is read on the host (free on
+    CPU; on CUDA one synchronisation).
     """
     with torch.no_grad():
-        below = torch.nextafter(threshold, threshold.new_tensor(-torch.inf))
-        band = hidden_pre > torch.minimum(threshold - bandwidth, below)
+        band = threshold_band(hidden_pre, threshold, bandwidth)
         sparse = (
             feature_acts.dtype == W_dec.dtype
             and int(torch.count_nonzero(band)) <= THRESHOLD_DECODE_DENSITY_LIMIT * band.numel()
