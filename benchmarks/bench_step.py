@@ -270,12 +270,15 @@ def measure_adam(args: argparse.Namespace, d_sae: int) -> dict:
         optimizers[name] = torch.optim.Adam(params, lr=1e-6, **options)
         optimizers[name].step()
     times: dict[str, list[float]] = {name: [] for name in ("unit", *variants)}
+    loads = [os.getloadavg()[0]]
     for _ in range(max(args.repeats, 3)):
         times["unit"].append(clock(lambda: x @ W_enc))
         for name, optimizer in optimizers.items():
             times[name].append(clock(optimizer.step))
+        loads.append(os.getloadavg()[0])
     unit = min(times["unit"])
-    return {"d_sae": d_sae, **{name: round(min(times[name]) / unit, 3) for name in variants}}
+    ratios = {name: round(min(times[name]) / unit, 3) for name in variants}
+    return {"d_sae": d_sae, **ratios, "load_1min": [round(load, 2) for load in loads]}
 
 
 CROSSOVER = ("standard", "gated", "jumprelu")
@@ -302,12 +305,14 @@ def measure_crossover(architecture: str, args: argparse.Namespace, d_sae: int) -
             with torch.no_grad():
                 sae.threshold.add_(sae.bandwidth)
         times: dict[str, list[float]] = {"unit": [], "sparse": [], "dense": []}
+        loads = [os.getloadavg()[0]]
         for _ in range(args.repeats):
             times["unit"].append(clock(lambda: torch.addmm(bias, x, sae.W_enc)))
             for name, limit in (("sparse", 1.0), ("dense", 0.0)):
                 sae.sparse_density_limit = limit  # type: ignore[attr-defined]
                 step()  # warm-up of this path
                 times[name].append(clock(step))
+            loads.append(os.getloadavg()[0])
         unit = min(times["unit"])
         rows.append(
             {
@@ -316,6 +321,7 @@ def measure_crossover(architecture: str, args: argparse.Namespace, d_sae: int) -
                 "density": density,
                 "sparse_x": round(min(times["sparse"]) / unit, 2),
                 "dense_x": round(min(times["dense"]) / unit, 2),
+                "load_1min": [round(load, 2) for load in loads],
             }
         )
     return rows
@@ -379,6 +385,12 @@ def measure_multi(args: argparse.Namespace, d_sae: int) -> dict:
     }
 
 
+def load_range(row: dict) -> str:
+    """A row's 1-minute load average range ("–" for rows written before loads were kept)."""
+    loads = row.get("load_1min")
+    return f"{min(loads)}–{max(loads)}" if loads else "–"
+
+
 def render_markdown(result: dict) -> str:
     """The result as the markdown of ``step.md``."""
     c = result["config"]
@@ -408,29 +420,32 @@ def render_markdown(result: dict) -> str:
             f"| {row['unit_ms']} | {cell(row['sae_lens_x'], '×')} | {row['ours_x']}× "
             f"| {cell(row['speed_up'], '×')} | {cell(row['sae_lens_peak_copies'])} "
             f"| {cell(row['ours_peak_copies'])} "
-            f"| {min(row['load_1min'])}–{max(row['load_1min'])} |"
+            f"| {load_range(row)} |"
         )
     lines += [
         "",
         "Adam step over TopK parameters, in units of the encoder product:",
         "",
-        "| d_sae | default | foreach | fused |",
-        "|---:|---:|---:|---:|",
+        "| d_sae | default | foreach | fused | load |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for row in result["adam"]:
-        lines.append(f"| {row['d_sae']} | {row['default']} | {row['foreach']} | {row['fused']} |")
+        lines.append(
+            f"| {row['d_sae']} | {row['default']} | {row['foreach']} | {row['fused']} "
+            f"| {load_range(row)} |"
+        )
     lines += [
         "",
         "Ours with the sparse path forced on/off, by active fraction (JumpReLU: the fraction of "
         "entries in its threshold band, π > θ − ε):",
         "",
-        "| architecture | d_sae | density | sparse | dense |",
-        "|---|---:|---:|---:|---:|",
+        "| architecture | d_sae | density | sparse | dense | load |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["crossover"]:
         lines.append(
             f"| {row['architecture']} | {row['d_sae']} | {row['density']} | {row['sparse_x']}× "
-            f"| {row['dense_x']}× |"
+            f"| {row['dense_x']}× | {load_range(row)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -27,7 +27,8 @@ def test_quick_mode_writes_json_and_markdown(tmp_path: Path):
     multi = result["rows"][-1]
     assert multi["ours_x"] > 0 and multi["load_1min"] and multi["sae_lens_x"] is None
     assert [row["l0"] for row in result["rows"]][:2] == [4.0, 4.0]  # k = 4 in quick mode
-    assert set(result["adam"][0]) == {"d_sae", "default", "foreach", "fused"}
+    assert set(result["adam"][0]) == {"d_sae", "default", "foreach", "fused", "load_1min"}
+    assert all(row["load_1min"] for row in result["adam"] + result["crossover"])
     assert [row["density"] for row in result["crossover"]] == [0.02, 0.05, 0.1, 0.2]
     table = (tmp_path / "step.md").read_text()
     assert "| batchtopk | AuxK | 256 |" in table and "load average" in table
