@@ -24,7 +24,7 @@ and merged with :func:`merge_row_topk` or :func:`select_batch_topk` unchanged.
 """
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -166,6 +166,32 @@ def _replace_rows(candidates: Candidates, replaced_rows: Tensor, extra: Candidat
 #: Most entries at or above a cut-off hint, as a multiple of ``total``, that
 #: :func:`batch_topk_entries` selects among (beyond it the per-row candidates are cheaper).
 HINT_MAX_CANDIDATES = 8
+#: Scores compared with a cut-off at once by :func:`flat_entries_at_least` (on CPU; 16 times
+#: as many on other devices, where each block's ``nonzero`` waits for the device).
+HINT_BLOCK = 2**20
+
+
+def flat_entries_at_least(scores: Tensor, floor: Tensor, limit: int) -> Tensor | None:
+    """Flat positions (ascending) of the entries of ``scores`` ``[B, d]`` that are ``>= floor``.
+
+    None as soon as more than ``limit`` are found. The comparison runs over blocks of rows into
+    one boolean block, reused: a ``[B, d]`` mask would add a quarter of a float32 ``scores`` to
+    the step's peak memory, and a block that stays in cache is compared and scanned faster.
+    """
+    batch, width = scores.shape
+    block = HINT_BLOCK if scores.device.type == "cpu" else 16 * HINT_BLOCK
+    block_rows = min(batch, max(1, block // width))
+    mask = torch.empty(block_rows * width, dtype=torch.bool, device=scores.device)
+    found, count = [], 0
+    for start in range(0, batch, block_rows):
+        rows = scores[start : start + block_rows].view(-1)
+        above = torch.ge(rows, floor, out=mask[: rows.shape[0]])
+        positions = above.nonzero().flatten()
+        count += positions.shape[0]  # host-side: ``nonzero`` knows its size
+        if count > limit:
+            return None
+        found.append(positions.add_(start * width))
+    return torch.cat(found)
 
 
 def batch_topk_entries(
@@ -174,29 +200,37 @@ def batch_topk_entries(
     """Exact top-``total`` entries of ``relu(scores)`` over the whole ``[B, d]`` matrix, sorted.
 
     With a ``cut_off_hint`` (the previous batch's cut-off, a little lowered), the entries
-    at or above it are taken first: when there are at least ``total`` of them (and at most
-    ``HINT_MAX_CANDIDATES`` times as many), every winner is among them, and one top-k over them
-    is exact — one comparison pass over the matrix instead of a per-row top-k. Otherwise:
+    at or above it are taken first (:func:`flat_entries_at_least`): when there are at least
+    ``total`` of them (and at most ``HINT_MAX_CANDIDATES`` times as many), every winner is among
+    them, and one top-k over them is exact — one comparison pass over the matrix instead of a
+    per-row top-k. Otherwise:
 
     Per-row top-``m`` candidates, then a global selection among them; rows whose candidates may
     hide winners (see :func:`select_batch_topk`) are re-listed with every entry at or above that
     selection's cut-off (:func:`candidates_above_cut_off`), and the selection runs once more.
     Real activations need this: a few tokens of huge norm hold hundreds of a batch's winners.
 
-    The exactness test reads one boolean on the host per round: free on CPU, one synchronisation
-    per step on CUDA (the alternative, a top-k over all ``B·d`` values, costs ~10 per-row ones).
+    The hint's count is read on the host per block of rows (``nonzero`` knows its size), the
+    exactness test of the candidates one boolean per round: free on CPU, a synchronisation each
+    on CUDA (the alternative, a top-k over all ``B·d`` values, costs ~10 per-row ones).
     """
     batch, width = scores.shape
     if total == 0:  # k·B < 1: nothing fires, as in sae-lens
         empty = torch.zeros(0, dtype=torch.long, device=scores.device)
         return Entries(empty, empty, scores.new_zeros(0), row_offsets(empty, batch))
     if cut_off_hint is not None:  # exact for any hint once `total` entries reach it
-        above = scores >= cut_off_hint
-        count = int(torch.count_nonzero(above))  # a bool ``sum`` would widen to int64 first
-        if total <= count <= HINT_MAX_CANDIDATES * total:
-            rows, cols = above.nonzero().unbind(dim=1)
-            values, position = scores[rows, cols].topk(total, sorted=False)
-            return sort_entries(rows[position], cols[position], values, batch, width)
+        flat = flat_entries_at_least(scores, cut_off_hint, HINT_MAX_CANDIDATES * total)
+        if flat is not None and flat.shape[0] >= total:
+            values = scores.view(-1).index_select(0, flat)
+            position = values.topk(total, sorted=False).indices.sort().values
+            flat = flat.index_select(0, position)  # ascending: sorted by row, then column
+            rows = flat.div(width, rounding_mode="floor")
+            return Entries(
+                rows,
+                flat.sub_(rows * width),
+                values.index_select(0, position),
+                row_offsets(rows, batch),
+            )
     m = min(max(m, -(-total // batch)), width)  # at least `total` candidates in all
     candidates = row_candidates(scores, m)
     position, cut_off, saturated = select_batch_topk(candidates, total)
@@ -229,13 +263,17 @@ def topk_entries(scores: Tensor, k: int) -> Entries:
 DEAD_TOPK_BLOCK = 2**20
 
 
-def dead_row_topk(scores: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, int]:
+def dead_row_topk(
+    scores: Tensor, dead: Tensor, k: int, column_offset: int = 0
+) -> tuple[Tensor, Tensor, Tensor, int]:
     """Per-row top-``min(k, n_dead)`` of ``scores`` ``[B, d]`` among the columns ``dead`` ``[d]``.
 
-    Returns ``rows``, ``cols``, ``values`` and ``n_dead``. Reads the number of dead latents on the
-    host (as sae-lens does): the work then scales with the dead latents, not with ``d``. The dead
-    columns are gathered ``DEAD_TOPK_BLOCK`` scores at a time: a ``[B, n_dead]`` copy would add a
-    quarter of ``scores`` at 25% dead latents to the step's peak memory.
+    Returns ``rows``, ``cols`` (plus ``column_offset``), ``values`` and ``n_dead``. Reads the
+    number of dead latents on the host (as sae-lens does): the work then scales with the dead
+    latents, not with ``d``. The dead columns are gathered ``DEAD_TOPK_BLOCK`` scores at a time
+    into one block, reused: a ``[B, n_dead]`` copy would add a quarter of ``scores`` at 25% dead
+    latents to the step's peak memory, and a new block per round leaves freed blocks behind that
+    glibc's allocator keeps resident without reusing them.
     """
     dead_cols = dead.nonzero().flatten()
     n_dead = dead_cols.shape[0]
@@ -245,12 +283,16 @@ def dead_row_topk(scores: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor,
     batch, k = scores.shape[0], min(k, n_dead)
     values = scores.new_empty(batch, k)
     position = dead_cols.new_empty(batch, k)
-    block = max(1, DEAD_TOPK_BLOCK // n_dead)
+    block = min(batch, max(1, DEAD_TOPK_BLOCK // n_dead))
+    dead_scores = scores.new_empty(block, n_dead)
     for start in range(0, batch, block):
         rows = slice(start, start + block)
-        dead_scores = scores[rows].index_select(1, dead_cols)
-        torch.topk(dead_scores, k, dim=-1, sorted=False, out=(values[rows], position[rows]))
+        chunk = scores[rows]
+        gathered = torch.index_select(chunk, 1, dead_cols, out=dead_scores[: chunk.shape[0]])
+        torch.topk(gathered, k, dim=-1, sorted=False, out=(values[rows], position[rows]))
     rows = torch.arange(batch, device=scores.device).repeat_interleave(k)
+    if column_offset:
+        dead_cols = dead_cols + column_offset
     return rows, dead_cols[position.flatten()], values.flatten(), n_dead
 
 
@@ -271,15 +313,23 @@ class EntryLayout(NamedTuple):
     col_offsets: Tensor
 
 
-def entry_layout(rows: Tensor, cols: Tensor, bags: Tensor, n_bags: int, n_cols: int) -> EntryLayout:
+def entry_layout(
+    rows: Tensor | Sequence[Tensor],
+    cols: Tensor | Sequence[Tensor],
+    bags: Tensor | Sequence[Tensor],
+    n_bags: int,
+    n_cols: int,
+) -> EntryLayout:
     """Build an :class:`EntryLayout` (``bags`` must be non-decreasing).
 
-    Its indices are int32 where they fit: half the memory of int64 (AuxK lists ``d_in / 2``
-    entries per token), and a stable sort of 32-bit keys is ~1.3 times faster on CPU.
+    ``rows``, ``cols`` and ``bags`` may each come in pieces (concatenated in order, straight
+    into the layout's dtype: no int64 concatenation first). Its indices are int32 where they
+    fit: half the memory of int64 (AuxK lists ``d_in / 2`` entries per token), and a stable sort
+    of 32-bit keys is ~1.3 times faster on CPU.
     """
-    fits = max(cols.shape[0], n_bags, n_cols) < 2**31
-    dtype = torch.int32 if fits else torch.int64
-    rows, cols, bags = rows.to(dtype), cols.to(dtype), bags.to(dtype)
+    n = sum(piece.shape[0] for piece in _pieces(cols))
+    dtype = torch.int32 if max(n, n_bags, n_cols) < 2**31 else torch.int64
+    rows, cols, bags = (_concatenated(pieces, n, dtype) for pieces in (rows, cols, bags))
     sorted_cols, by_col = cols.sort(stable=True)
     return EntryLayout(
         rows,
@@ -289,6 +339,18 @@ def entry_layout(rows: Tensor, cols: Tensor, bags: Tensor, n_bags: int, n_cols: 
         by_col.to(dtype),
         row_offsets(sorted_cols, n_cols),
     )
+
+
+def _pieces(pieces: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    return [pieces] if isinstance(pieces, Tensor) else list(pieces)
+
+
+def _concatenated(pieces: Tensor | Sequence[Tensor], n: int, dtype: torch.dtype) -> Tensor:
+    """Concatenate the ``n`` indices of ``pieces`` into one ``dtype`` tensor."""
+    pieces = _pieces(pieces)
+    if len(pieces) == 1:
+        return pieces[0].to(dtype)
+    return torch.cat(pieces, out=pieces[0].new_empty(n, dtype=dtype))
 
 
 def _latent_sums(
@@ -440,11 +502,12 @@ class NestedSquaredErrors(torch.autograd.Function):
         ctx.save_for_backward(decoded, b_dec, x)
         ctx.n_levels, ctx.aux_levels = n_levels, aux_levels
         errors = decoded.new_empty(n_levels + len(aux_levels))
-        for level, recon, diff in _reconstructions(decoded, b_dec, x, n_levels):
+        diff, error = torch.empty_like(x), None  # reused by every level and AuxK group
+        for level, recon, _ in _reconstructions(decoded, b_dec, x, n_levels, lambda _: diff):
             sae_out = recon  # the same tensor at every level: the last reconstruction at the end
             errors[level] = diff.flatten().dot(diff.flatten())
             for group in _groups_at(aux_levels, level):
-                error = _aux_rows(decoded, x, n_levels, group) + diff
+                error = torch.add(_aux_rows(decoded, x, n_levels, group), diff, out=error)
                 errors[n_levels + group] = error.flatten().dot(error.flatten())
         return sae_out, errors.div_(x.shape[0])
 
@@ -458,12 +521,14 @@ class NestedSquaredErrors(torch.autograd.Function):
         scales = grad_errors * (2.0 / batch)
         grad = torch.empty_like(decoded)
         parts = grad[: batch * n_levels].view(batch, n_levels, -1)
-        for level, _, diff in _reconstructions(decoded, b_dec, x, n_levels):
+        # Each level's difference is written straight into its part of the gradient.
+        differences = _reconstructions(decoded, b_dec, x, n_levels, lambda level: parts[:, level])
+        for level, _, diff in differences:
             for group in _groups_at(ctx.aux_levels, level):
                 aux_grad = _aux_rows(grad, x, n_levels, group)
                 torch.add(_aux_rows(decoded, x, n_levels, group), diff, out=aux_grad)
                 aux_grad.mul_(scales[n_levels + group])
-            parts[:, level] = diff.mul_(scales[level])
+            diff.mul_(scales[level])
         if grad_out is not None:
             parts[:, -1] += grad_out
         for level in reversed(range(n_levels - 1)):  # part j is in every reconstruction l >= j
@@ -472,17 +537,23 @@ class NestedSquaredErrors(torch.autograd.Function):
 
 
 def _reconstructions(
-    decoded: Tensor, b_dec: Tensor, x: Tensor, n_levels: int
+    decoded: Tensor,
+    b_dec: Tensor,
+    x: Tensor,
+    n_levels: int,
+    diff_out: Callable[[int], Tensor],
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """Yield ``(l, recon_l, recon_l − x)`` per level (``recon`` one tensor, updated in place)."""
+    """Yield ``(l, recon_l, recon_l − x)`` per level.
+
+    ``recon`` is one tensor, updated in place; each difference is written into ``diff_out(l)``.
+    """
     batch = x.shape[0]
     parts = decoded[: batch * n_levels].view(batch, n_levels, -1)
     recon = parts[:, 0] + b_dec
     for level in range(n_levels):
         if level:
             recon += parts[:, level]
-        diff = recon - x
-        yield level, recon, diff
+        yield level, recon, torch.sub(recon, x, out=diff_out(level))
 
 
 def _groups_at(aux_levels: list[int], level: int) -> list[int]:
