@@ -25,6 +25,8 @@ and merged with :func:`merge_row_topk` or :func:`select_batch_topk` unchanged.
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -268,7 +270,8 @@ def dead_row_topk(
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Per-row top-``min(k, n_dead)`` of ``scores`` ``[B, d]`` among the columns ``dead`` ``[d]``.
 
-    Returns ``rows``, ``cols`` (plus ``column_offset``), ``values`` and ``n_dead``. Reads the
+    Returns ``rows``, ``cols`` (plus ``column_offset``; both int32 where they fit, as
+    :func:`entry_layout` keeps them), ``values`` and ``n_dead``. Reads the
     number of dead latents on the host (as sae-lens does): the work then scales with the dead
     latents, not with ``d``. The dead columns are gathered ``DEAD_TOPK_BLOCK`` scores at a time
     into one block, reused: a ``[B, n_dead]`` copy would add a quarter of ``scores`` at 25% dead
@@ -290,27 +293,46 @@ def dead_row_topk(
         chunk = scores[rows]
         gathered = torch.index_select(chunk, 1, dead_cols, out=dead_scores[: chunk.shape[0]])
         torch.topk(gathered, k, dim=-1, sorted=False, out=(values[rows], position[rows]))
-    rows = torch.arange(batch, device=scores.device).repeat_interleave(k)
-    if column_offset:
-        dead_cols = dead_cols + column_offset
+    fits = max(batch, column_offset + scores.shape[1]) < 2**31
+    dtype = torch.int32 if fits else torch.int64
+    rows = torch.arange(batch, dtype=dtype, device=scores.device).repeat_interleave(k)
+    dead_cols = dead_cols.to(dtype) + column_offset
     return rows, dead_cols[position.flatten()], values.flatten(), n_dead
 
 
-class EntryLayout(NamedTuple):
+@dataclass
+class EntryLayout:
     """Entries of a sparse step in two orders: as listed (by decode bag) and by latent.
 
     ``rows``: token of each entry (a row of the encoder's input); ``cols``: its latent;
     ``bags``: its decoder output row (non-decreasing), with pointer ``bag_offsets``;
     ``by_col``: the permutation sorting entries by latent, with pointer ``col_offsets``.
-    Both weight gradients are ``embedding_bag`` sums over the entries in latent order.
+    Both weight gradients are ``embedding_bag`` sums over the entries in latent order. The
+    latent order is sorted on first use, in the backward pass: the forward pass (which holds the
+    dense encoder product) never holds the sort's buffers.
     """
 
     rows: Tensor
     cols: Tensor
     bags: Tensor
     bag_offsets: Tensor
-    by_col: Tensor
-    col_offsets: Tensor
+    n_cols: int
+
+    @cached_property
+    def _latent_order(self) -> tuple[Tensor, Tensor]:
+        """``by_col`` and ``col_offsets``: a stable sort of ``cols``."""
+        sorted_cols, by_col = self.cols.sort(stable=True)
+        return by_col.to(self.cols.dtype), row_offsets(sorted_cols, self.n_cols)
+
+    @property
+    def by_col(self) -> Tensor:
+        """The permutation that sorts the entries by latent (stable)."""
+        return self._latent_order[0]
+
+    @property
+    def col_offsets(self) -> Tensor:
+        """Pointer ``[n_cols + 1]`` of the entries in latent order."""
+        return self._latent_order[1]
 
 
 def entry_layout(
@@ -330,15 +352,7 @@ def entry_layout(
     n = sum(piece.shape[0] for piece in _pieces(cols))
     dtype = torch.int32 if max(n, n_bags, n_cols) < 2**31 else torch.int64
     rows, cols, bags = (_concatenated(pieces, n, dtype) for pieces in (rows, cols, bags))
-    sorted_cols, by_col = cols.sort(stable=True)
-    return EntryLayout(
-        rows,
-        cols,
-        bags,
-        row_offsets(bags, n_bags),
-        by_col.to(dtype),
-        row_offsets(sorted_cols, n_cols),
-    )
+    return EntryLayout(rows, cols, bags, row_offsets(bags, n_bags), n_cols)
 
 
 def _pieces(pieces: Tensor | Sequence[Tensor]) -> list[Tensor]:
