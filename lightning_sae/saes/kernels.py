@@ -376,11 +376,11 @@ def _latent_sums(
     """
     order = layout.by_col
     return F.embedding_bag(
-        source_rows[order],
+        source_rows.index_select(0, order),
         source,
         layout.col_offsets,
         mode="sum",
-        per_sample_weights=weights[order],
+        per_sample_weights=weights.index_select(0, order),
         include_last_offset=True,
     )
 
@@ -419,7 +419,8 @@ class SampledEncoder(torch.autograd.Function):
         layout: EntryLayout = ctx.layout
         cols = layout.cols
         d_sae = W_enc.shape[1]
-        grad_pre = grad * scale[cols] if scale is not None else grad
+        scale_at = scale.index_select(0, cols) if scale is not None else None
+        grad_pre = grad * scale_at if scale_at is not None else grad
         grad_b_enc = grad_pre.new_zeros(d_sae).index_add_(0, cols, grad_pre)
         grad_W_enc = None
         if ctx.needs_input_grad[2]:
@@ -429,7 +430,7 @@ class SampledEncoder(torch.autograd.Function):
             grad_b_dec = -(W_enc @ grad_b_enc)
         grad_scale = None
         if scale is not None and ctx.needs_input_grad[5]:
-            grad_scale = grad.new_zeros(d_sae).index_add_(0, cols, grad * values / scale[cols])
+            grad_scale = grad.new_zeros(d_sae).index_add_(0, cols, grad * values / scale_at)
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_scale, None
 
 

@@ -137,7 +137,7 @@ class SparseTopKTraining:
         # sae-lens decodes feature_acts * (1 / ‖W_dec‖) (aux: its pre-activations, no ReLU).
         weights = torch.cat([acts, pre[n_main:]])
         if norm is not None:
-            weights = weights * (1 / norm)[layout.cols]
+            weights = weights * (1 / norm).index_select(0, layout.cols)
         decoded = SparseDecode.apply(weights, self.W_dec, layout)
         # sae-lens's mse_loss_fn (per-token squared-error sums, averaged) on each reconstruction.
         sae_out, errors = NestedSquaredErrors.apply(decoded, self.b_dec, x, n_levels, aux_levels)
