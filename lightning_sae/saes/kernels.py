@@ -11,8 +11,9 @@ index) and ``cols`` (latent index) of the few non-zero latents. After one dense 
   backward gives the entries' gradients (sampled products) and ``W_dec``'s (one bag per latent);
 * :class:`EntryLayout` holds both orders of the entries (by output row, by latent), built once;
 * selection: :func:`topk_entries` (per token), :func:`batch_topk_entries` (exact batch top-k:
-  :func:`row_candidates` → :func:`select_batch_topk` → :func:`candidates_above_cut_off` where the
-  exactness check fails), :func:`dead_row_topk` (AuxK), :func:`positive_entries` (ReLU);
+  the entries above a cut-off hint, :func:`flat_entries_at_least`, or :func:`row_candidates` →
+  :func:`select_batch_topk` → :func:`candidates_above_cut_off` where the exactness check fails),
+  :func:`dead_row_topk` (AuxK), :func:`positive_entries` (ReLU);
 * :class:`DenseEncoder`: the dense encoder product for the Standard/Gated dense paths, whose
   backward skips the input gradient;
 * :func:`threshold_decode`: JumpReLU's decoder, sparse over the entries its backward reads.
