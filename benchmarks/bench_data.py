@@ -31,6 +31,7 @@ prefetches never starts a buffer that is not trained on. Writes ``benchmarks/res
 and ``data.md`` with the load average.
 
     python benchmarks/bench_data.py [--tokens 65536] [--buffer-tokens 16384] [--layer 12]
+    python benchmarks/bench_data.py --fits four --out /tmp/data   # the four-SAE fit alone
 """
 
 import argparse
@@ -52,6 +53,7 @@ from lightning_sae.data import shakespeare_documents
 from lightning_sae.data.live import LiveSource
 
 RESULTS = Path(__file__).parent / "results"
+FITS = ("one", "four", "cache")
 BATCH = 1024
 CONTEXT = 256
 
@@ -166,6 +168,11 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=12)
     parser.add_argument("--hooks", type=int, nargs="+", default=[3, 6, 9, 12], help="layers")
     parser.add_argument("--cache-tokens", type=int, default=4096)
+    parser.add_argument(
+        "--fits", nargs="+", choices=FITS, default=list(FITS),
+        help="measurements to run: the one-SAE fit, the four-SAE fit, the cache read and fit",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of data.json/.md")
     args = parser.parse_args()
     if args.tokens % args.buffer_tokens or args.buffer_tokens % BATCH:
         parser.error(f"--tokens must be a multiple of --buffer-tokens, itself of {BATCH}")
@@ -196,13 +203,16 @@ def main() -> None:
         return forward
 
     dm = data_module([hook], args)
-    sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
-    forwards = {"train_live": forward_around_fit("train_live", dm, sae)}
-    multi_dm = data_module(hooks, args)
-    multi = MultiSAEModule(
-        "batchtopk", hooks, d_in=multi_dm.d_in_per_hook, d_sae=4 * dm.d_in, k=32, seed=0
-    )
-    forwards["train_live_4_hooks"] = forward_around_fit("train_live_4_hooks", multi_dm, multi)
+    forwards = {}
+    if "one" in args.fits:
+        sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
+        forwards["train_live"] = forward_around_fit("train_live", dm, sae)
+    if "four" in args.fits:
+        multi_dm = data_module(hooks, args)
+        multi = MultiSAEModule(
+            "batchtopk", hooks, d_in=multi_dm.d_in_per_hook, d_sae=4 * dm.d_in, k=32, seed=0
+        )
+        forwards["train_live_4_hooks"] = forward_around_fit("train_live_4_hooks", multi_dm, multi)
     ratios = {}
     for name, forward in forwards.items():
         speeds = results[name]
@@ -212,23 +222,24 @@ def main() -> None:
             speeds["whole_fit"] / speeds["in_fit_forward"], 3
         )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = dm.write_cache(Path(tmp) / "cache", args.cache_tokens, holdout_tokens=0)
-        cached = ActivationDataModule(cache_dir=path, batch_size=BATCH)
-        cached.setup("fit")
-        n_batches = 200
+    if "cache" in args.fits:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = dm.write_cache(Path(tmp) / "cache", args.cache_tokens, holdout_tokens=0)
+            cached = ActivationDataModule(cache_dir=path, batch_size=BATCH)
+            cached.setup("fit")
+            n_batches = 200
 
-        def read() -> float:
-            start = time.perf_counter()
-            for _ in islice(iter(cached.train_dataloader()), n_batches):
-                pass
-            return n_batches * BATCH / (time.perf_counter() - start)
+            def read() -> float:
+                start = time.perf_counter()
+                for _ in islice(iter(cached.train_dataloader()), n_batches):
+                    pass
+                return n_batches * BATCH / (time.perf_counter() - start)
 
-        results["cache_read"] = measured("cache_read", read)
-        sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
-        results["train_cache"], breakdown["train_cache"] = measured(
-            "train_cache", train_tokens_per_sec, cached, sae, 100
-        )
+            results["cache_read"] = measured("cache_read", read)
+            sae = BatchTopKSAE(d_in=dm.d_in, d_sae=4 * dm.d_in, k=32, seed=0)
+            results["train_cache"], breakdown["train_cache"] = measured(
+                "train_cache", train_tokens_per_sec, cached, sae, 100
+            )
 
     def rounded(value: float | dict) -> float | dict:
         if isinstance(value, dict):
@@ -259,8 +270,8 @@ def main() -> None:
             "platform": platform.platform(),
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "data.json").write_text(json.dumps(record, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "data.json").write_text(json.dumps(record, indent=2) + "\n")
     every_load = [load for pair in loads.values() for load in pair]
     lines = [
         f"Tokens per second, {args.tokens} tokens per measurement, mixing buffers of "
@@ -305,7 +316,7 @@ def main() -> None:
     for name, seconds in breakdown.items():
         cells = " | ".join(str(value) for value in seconds.values())
         lines.append(f"| `{name}` | {cells} | {load_of(name)} |")
-    (RESULTS / "data.md").write_text("\n".join(lines) + "\n")
+    (args.out / "data.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(record, indent=2))
 
 

@@ -102,6 +102,20 @@ class TrainingStatistics(nn.Module):
         self.reconstruction.update(sae_in, sae_out)
         self._tokens_since_log += sae_in.shape[0] * world_size() // replicas
 
+    def inputs_finite(self) -> Tensor:
+        """Whether every batch since the metrics' last logging step was finite (0-dim, on device).
+
+        Reads the reconstruction metrics' float64 sum of squared inputs, which NaN or inf in any
+        batch makes non-finite until the next reset (float32, bf16 and fp16 squares cannot
+        overflow float64): the check costs no pass over the batch of its own.
+        """
+        return torch.isfinite(self.reconstruction["explained_variance"].sum_squared_x)
+
+    def reset_logged_metrics(self) -> None:
+        """Start the logged metrics' next window (reconstruction metrics and L0)."""
+        self.reconstruction.reset()
+        self.l0.reset()
+
     def values_to_log(self, step: int, log_every_n_steps: int) -> dict[str, Tensor]:
         """Metrics of the steps since the last logging step, on logging steps (else ``{}``).
 
@@ -112,8 +126,7 @@ class TrainingStatistics(nn.Module):
             return {}
         self._last_logged_step = step
         values = {**self.reconstruction.compute(), "train/l0": self.l0.compute()}
-        self.reconstruction.reset()
-        self.l0.reset()
+        self.reset_logged_metrics()
         values["train/dead_latent_rate"] = self.dead_latent_mask.double().mean()
         now = time.perf_counter()
         if self._last_log_time is not None:

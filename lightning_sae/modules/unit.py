@@ -44,7 +44,8 @@ class StepResult:
     """What one training step of a unit gives its LightningModule to log and optimise."""
 
     loss: Tensor
-    #: Per-step values (loss terms), logged every step.
+    #: The step's loss terms, on logging steps only: the logger writes only those steps' values,
+    #: and every ``LightningModule.log`` call costs ~0.5 ms of host time (measured on CPU).
     losses: dict[str, Tensor]
     #: Window metrics, on logging steps only.
     metrics: dict[str, Tensor]
@@ -143,11 +144,13 @@ class SAEUnit(nn.Module):
     def mark_restored(self) -> None:
         """Treat the weights and scale as trained: never re-estimate or re-initialise them.
 
-        A NaN/inf recorded before the restore belonged to the replaced weights and is forgotten.
+        A NaN/inf recorded before the restore belonged to the replaced weights and is forgotten,
+        and so are the logged metrics' batches since the last logging step (as in a new process).
         """
         self.normalizer.pending = False
         self.initialized = True
         self.first_nonfinite_step.fill_(NOT_SEEN)
+        self.statistics.reset_logged_metrics()
 
     def coefficients(self, step: int) -> dict[str, float]:
         """sae-lens loss coefficients at ``step``, after their linear warm-up."""
@@ -185,17 +188,21 @@ class SAEUnit(nn.Module):
         )
         for name in self.rank_averaged:
             setattr(self.sae, name, all_reduce_mean(getattr(self.sae, name)))
-        if self.check_finite:
-            self._record_nonfinite(x, output.loss, step)
-            if (step + 1) % log_every_n_steps == 0:
-                self.raise_if_not_finite(collective=True, weights=False)
         statistics = self.statistics
         statistics.update(output.sae_in, output.sae_out, output.feature_acts)
+        if self.check_finite:
+            self._record_nonfinite(statistics.inputs_finite(), output.loss, step)
+            if (step + 1) % log_every_n_steps == 0:
+                self.raise_if_not_finite(collective=True, weights=False)
         metrics = statistics.values_to_log(step, log_every_n_steps)
+        losses = {}
+        if metrics:
+            losses = {"train/loss": output.loss.detach()} | {
+                f"train/{name}": value.detach() for name, value in output.losses.items()
+            }
         return StepResult(
             loss=output.loss,
-            losses={"train/loss": output.loss.detach()}
-            | {f"train/{name}": value.detach() for name, value in output.losses.items()},
+            losses=losses,
             metrics=metrics,
             density=statistics.close_full_window() if metrics else None,
         )
@@ -212,8 +219,8 @@ class SAEUnit(nn.Module):
         metrics.update(x=sae_in, x_hat=x_hat, feature_acts=feature_acts)
 
     @torch.no_grad()
-    def _record_nonfinite(self, x: Tensor, loss: Tensor, step: int) -> None:
-        bad = torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(loss.detach())])
+    def _record_nonfinite(self, inputs_finite: Tensor, loss: Tensor, step: int) -> None:
+        bad = torch.stack([~inputs_finite, ~torch.isfinite(loss.detach())])
         first = self.first_nonfinite_step
         first.masked_fill_(bad & (first == NOT_SEEN), step)
 

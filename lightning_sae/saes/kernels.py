@@ -11,8 +11,9 @@ index) and ``cols`` (latent index) of the few non-zero latents. After one dense 
   backward gives the entries' gradients (sampled products) and ``W_dec``'s (one bag per latent);
 * :class:`EntryLayout` holds both orders of the entries (by output row, by latent), built once;
 * selection: :func:`topk_entries` (per token), :func:`batch_topk_entries` (exact batch top-k:
-  :func:`row_candidates` → :func:`select_batch_topk` → :func:`candidates_above_cut_off` where the
-  exactness check fails), :func:`dead_row_topk` (AuxK), :func:`positive_entries` (ReLU);
+  the entries above a cut-off hint, :func:`flat_entries_at_least`, or :func:`row_candidates` →
+  :func:`select_batch_topk` → :func:`candidates_above_cut_off` where the exactness check fails),
+  :func:`dead_row_topk` (AuxK), :func:`positive_entries` (ReLU);
 * :class:`DenseEncoder`: the dense encoder product for the Standard/Gated dense paths, whose
   backward skips the input gradient;
 * :func:`threshold_band`: the entries a JumpReLU backward reads (the sparse JumpReLU pass's
@@ -25,7 +26,9 @@ and merged with :func:`merge_row_topk` or :func:`select_batch_topk` unchanged.
 """
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -167,6 +170,32 @@ def _replace_rows(candidates: Candidates, replaced_rows: Tensor, extra: Candidat
 #: Most entries at or above a cut-off hint, as a multiple of ``total``, that
 #: :func:`batch_topk_entries` selects among (beyond it the per-row candidates are cheaper).
 HINT_MAX_CANDIDATES = 8
+#: Scores compared with a cut-off at once by :func:`flat_entries_at_least` (on CPU; 16 times
+#: as many on other devices, where each block's ``nonzero`` waits for the device).
+HINT_BLOCK = 2**20
+
+
+def flat_entries_at_least(scores: Tensor, floor: Tensor, limit: int) -> Tensor | None:
+    """Flat positions (ascending) of the entries of ``scores`` ``[B, d]`` that are ``>= floor``.
+
+    None as soon as more than ``limit`` are found. The comparison runs over blocks of rows into
+    one boolean block, reused: a ``[B, d]`` mask would add a quarter of a float32 ``scores`` to
+    the step's peak memory, and a block that stays in cache is compared and scanned faster.
+    """
+    batch, width = scores.shape
+    block = HINT_BLOCK if scores.device.type == "cpu" else 16 * HINT_BLOCK
+    block_rows = min(batch, max(1, block // width))
+    mask = torch.empty(block_rows * width, dtype=torch.bool, device=scores.device)
+    found, count = [], 0
+    for start in range(0, batch, block_rows):
+        rows = scores[start : start + block_rows].view(-1)
+        above = torch.ge(rows, floor, out=mask[: rows.shape[0]])
+        positions = above.nonzero().flatten()
+        count += positions.shape[0]  # host-side: ``nonzero`` knows its size
+        if count > limit:
+            return None
+        found.append(positions.add_(start * width))
+    return torch.cat(found)
 
 
 def batch_topk_entries(
@@ -175,29 +204,37 @@ def batch_topk_entries(
     """Exact top-``total`` entries of ``relu(scores)`` over the whole ``[B, d]`` matrix, sorted.
 
     With a ``cut_off_hint`` (the previous batch's cut-off, a little lowered), the entries
-    at or above it are taken first: when there are at least ``total`` of them (and at most
-    ``HINT_MAX_CANDIDATES`` times as many), every winner is among them, and one top-k over them
-    is exact — one comparison pass over the matrix instead of a per-row top-k. Otherwise:
+    at or above it are taken first (:func:`flat_entries_at_least`): when there are at least
+    ``total`` of them (and at most ``HINT_MAX_CANDIDATES`` times as many), every winner is among
+    them, and one top-k over them is exact — one comparison pass over the matrix instead of a
+    per-row top-k. Otherwise:
 
     Per-row top-``m`` candidates, then a global selection among them; rows whose candidates may
     hide winners (see :func:`select_batch_topk`) are re-listed with every entry at or above that
     selection's cut-off (:func:`candidates_above_cut_off`), and the selection runs once more.
     Real activations need this: a few tokens of huge norm hold hundreds of a batch's winners.
 
-    The exactness test reads one boolean on the host per round: free on CPU, one synchronisation
-    per step on CUDA (the alternative, a top-k over all ``B·d`` values, costs ~10 per-row ones).
+    The hint's count is read on the host per block of rows (``nonzero`` knows its size), the
+    exactness test of the candidates one boolean per round: free on CPU, a synchronisation each
+    on CUDA (the alternative, a top-k over all ``B·d`` values, costs ~10 per-row ones).
     """
     batch, width = scores.shape
     if total == 0:  # k·B < 1: nothing fires, as in sae-lens
         empty = torch.zeros(0, dtype=torch.long, device=scores.device)
         return Entries(empty, empty, scores.new_zeros(0), row_offsets(empty, batch))
     if cut_off_hint is not None:  # exact for any hint once `total` entries reach it
-        above = scores >= cut_off_hint
-        count = int(torch.count_nonzero(above))  # a bool ``sum`` would widen to int64 first
-        if total <= count <= HINT_MAX_CANDIDATES * total:
-            rows, cols = above.nonzero().unbind(dim=1)
-            values, position = scores[rows, cols].topk(total, sorted=False)
-            return sort_entries(rows[position], cols[position], values, batch, width)
+        flat = flat_entries_at_least(scores, cut_off_hint, HINT_MAX_CANDIDATES * total)
+        if flat is not None and flat.shape[0] >= total:
+            values = scores.view(-1).index_select(0, flat)
+            position = values.topk(total, sorted=False).indices.sort().values
+            flat = flat.index_select(0, position)  # ascending: sorted by row, then column
+            rows = flat.div(width, rounding_mode="floor")
+            return Entries(
+                rows,
+                flat.sub_(rows * width),
+                values.index_select(0, position),
+                row_offsets(rows, batch),
+            )
     m = min(max(m, -(-total // batch)), width)  # at least `total` candidates in all
     candidates = row_candidates(scores, m)
     position, cut_off, saturated = select_batch_topk(candidates, total)
@@ -230,13 +267,18 @@ def topk_entries(scores: Tensor, k: int) -> Entries:
 DEAD_TOPK_BLOCK = 2**20
 
 
-def dead_row_topk(scores: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, int]:
+def dead_row_topk(
+    scores: Tensor, dead: Tensor, k: int, column_offset: int = 0
+) -> tuple[Tensor, Tensor, Tensor, int]:
     """Per-row top-``min(k, n_dead)`` of ``scores`` ``[B, d]`` among the columns ``dead`` ``[d]``.
 
-    Returns ``rows``, ``cols``, ``values`` and ``n_dead``. Reads the number of dead latents on the
-    host (as sae-lens does): the work then scales with the dead latents, not with ``d``. The dead
-    columns are gathered ``DEAD_TOPK_BLOCK`` scores at a time: a ``[B, n_dead]`` copy would add a
-    quarter of ``scores`` at 25% dead latents to the step's peak memory.
+    Returns ``rows``, ``cols`` (plus ``column_offset``; both int32 where they fit, as
+    :func:`entry_layout` keeps them), ``values`` and ``n_dead``. Reads the
+    number of dead latents on the host (as sae-lens does): the work then scales with the dead
+    latents, not with ``d``. The dead columns are gathered ``DEAD_TOPK_BLOCK`` scores at a time
+    into one block, reused: a ``[B, n_dead]`` copy would add a quarter of ``scores`` at 25% dead
+    latents to the step's peak memory, and a new block per round leaves freed blocks behind that
+    glibc's allocator keeps resident without reusing them.
     """
     dead_cols = dead.nonzero().flatten()
     n_dead = dead_cols.shape[0]
@@ -246,50 +288,85 @@ def dead_row_topk(scores: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor,
     batch, k = scores.shape[0], min(k, n_dead)
     values = scores.new_empty(batch, k)
     position = dead_cols.new_empty(batch, k)
-    block = max(1, DEAD_TOPK_BLOCK // n_dead)
+    block = min(batch, max(1, DEAD_TOPK_BLOCK // n_dead))
+    dead_scores = scores.new_empty(block, n_dead)
     for start in range(0, batch, block):
         rows = slice(start, start + block)
-        dead_scores = scores[rows].index_select(1, dead_cols)
-        torch.topk(dead_scores, k, dim=-1, sorted=False, out=(values[rows], position[rows]))
-    rows = torch.arange(batch, device=scores.device).repeat_interleave(k)
+        chunk = scores[rows]
+        gathered = torch.index_select(chunk, 1, dead_cols, out=dead_scores[: chunk.shape[0]])
+        torch.topk(gathered, k, dim=-1, sorted=False, out=(values[rows], position[rows]))
+    fits = max(batch, column_offset + scores.shape[1]) < 2**31
+    dtype = torch.int32 if fits else torch.int64
+    rows = torch.arange(batch, dtype=dtype, device=scores.device).repeat_interleave(k)
+    dead_cols = dead_cols.to(dtype) + column_offset
     return rows, dead_cols[position.flatten()], values.flatten(), n_dead
 
 
-class EntryLayout(NamedTuple):
+@dataclass
+class EntryLayout:
     """Entries of a sparse step in two orders: as listed (by decode bag) and by latent.
 
     ``rows``: token of each entry (a row of the encoder's input); ``cols``: its latent;
     ``bags``: its decoder output row (non-decreasing), with pointer ``bag_offsets``;
     ``by_col``: the permutation sorting entries by latent, with pointer ``col_offsets``.
-    Both weight gradients are ``embedding_bag`` sums over the entries in latent order.
+    Both weight gradients are ``embedding_bag`` sums over the entries in latent order. The
+    latent order is sorted on first use, in the backward pass: the forward pass (which holds the
+    dense encoder product) never holds the sort's buffers.
     """
 
     rows: Tensor
     cols: Tensor
     bags: Tensor
     bag_offsets: Tensor
-    by_col: Tensor
-    col_offsets: Tensor
+    n_cols: int
+
+    @cached_property
+    def _latent_order(self) -> tuple[Tensor, Tensor]:
+        """``by_col`` and ``col_offsets``: a stable sort of ``cols``."""
+        sorted_cols, by_col = self.cols.sort(stable=True)
+        return by_col.to(self.cols.dtype), row_offsets(sorted_cols, self.n_cols)
+
+    @property
+    def by_col(self) -> Tensor:
+        """The permutation that sorts the entries by latent (stable)."""
+        return self._latent_order[0]
+
+    @property
+    def col_offsets(self) -> Tensor:
+        """Pointer ``[n_cols + 1]`` of the entries in latent order."""
+        return self._latent_order[1]
 
 
-def entry_layout(rows: Tensor, cols: Tensor, bags: Tensor, n_bags: int, n_cols: int) -> EntryLayout:
+def entry_layout(
+    rows: Tensor | Sequence[Tensor],
+    cols: Tensor | Sequence[Tensor],
+    bags: Tensor | Sequence[Tensor],
+    n_bags: int,
+    n_cols: int,
+) -> EntryLayout:
     """Build an :class:`EntryLayout` (``bags`` must be non-decreasing).
 
-    Its indices are int32 where they fit: half the memory of int64 (AuxK lists ``d_in / 2``
-    entries per token), and a stable sort of 32-bit keys is ~1.3 times faster on CPU.
+    ``rows``, ``cols`` and ``bags`` may each come in pieces (concatenated in order, straight
+    into the layout's dtype: no int64 concatenation first). Its indices are int32 where they
+    fit: half the memory of int64 (AuxK lists ``d_in / 2`` entries per token), and a stable sort
+    of 32-bit keys is ~1.3 times faster on CPU.
     """
-    fits = max(cols.shape[0], n_bags, n_cols) < 2**31
-    dtype = torch.int32 if fits else torch.int64
-    rows, cols, bags = rows.to(dtype), cols.to(dtype), bags.to(dtype)
-    sorted_cols, by_col = cols.sort(stable=True)
-    return EntryLayout(
-        rows,
-        cols,
-        bags,
-        row_offsets(bags, n_bags),
-        by_col.to(dtype),
-        row_offsets(sorted_cols, n_cols),
-    )
+    n = sum(piece.shape[0] for piece in _pieces(cols))
+    dtype = torch.int32 if max(n, n_bags, n_cols) < 2**31 else torch.int64
+    rows, cols, bags = (_concatenated(pieces, n, dtype) for pieces in (rows, cols, bags))
+    return EntryLayout(rows, cols, bags, row_offsets(bags, n_bags), n_cols)
+
+
+def _pieces(pieces: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    return [pieces] if isinstance(pieces, Tensor) else list(pieces)
+
+
+def _concatenated(pieces: Tensor | Sequence[Tensor], n: int, dtype: torch.dtype) -> Tensor:
+    """Concatenate the ``n`` indices of ``pieces`` into one ``dtype`` tensor."""
+    pieces = _pieces(pieces)
+    if len(pieces) == 1:
+        return pieces[0].to(dtype)
+    return torch.cat(pieces, out=pieces[0].new_empty(n, dtype=dtype))
 
 
 def _latent_sums(
@@ -301,11 +378,11 @@ def _latent_sums(
     """
     order = layout.by_col
     return F.embedding_bag(
-        source_rows[order],
+        source_rows.index_select(0, order),
         source,
         layout.col_offsets,
         mode="sum",
-        per_sample_weights=weights[order],
+        per_sample_weights=weights.index_select(0, order),
         include_last_offset=True,
     )
 
@@ -344,7 +421,8 @@ class SampledEncoder(torch.autograd.Function):
         layout: EntryLayout = ctx.layout
         cols = layout.cols
         d_sae = W_enc.shape[1]
-        grad_pre = grad * scale[cols] if scale is not None else grad
+        scale_at = scale.index_select(0, cols) if scale is not None else None
+        grad_pre = grad * scale_at if scale_at is not None else grad
         grad_b_enc = grad_pre.new_zeros(d_sae).index_add_(0, cols, grad_pre)
         grad_W_enc = None
         if ctx.needs_input_grad[2]:
@@ -354,7 +432,7 @@ class SampledEncoder(torch.autograd.Function):
             grad_b_dec = -(W_enc @ grad_b_enc)
         grad_scale = None
         if scale is not None and ctx.needs_input_grad[5]:
-            grad_scale = grad.new_zeros(d_sae).index_add_(0, cols, grad * values / scale[cols])
+            grad_scale = grad.new_zeros(d_sae).index_add_(0, cols, grad * values / scale_at)
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_scale, None
 
 
@@ -441,11 +519,12 @@ class NestedSquaredErrors(torch.autograd.Function):
         ctx.save_for_backward(decoded, b_dec, x)
         ctx.n_levels, ctx.aux_levels = n_levels, aux_levels
         errors = decoded.new_empty(n_levels + len(aux_levels))
-        for level, recon, diff in _reconstructions(decoded, b_dec, x, n_levels):
+        diff, error = torch.empty_like(x), None  # reused by every level and AuxK group
+        for level, recon, _ in _reconstructions(decoded, b_dec, x, n_levels, lambda _: diff):
             sae_out = recon  # the same tensor at every level: the last reconstruction at the end
             errors[level] = diff.flatten().dot(diff.flatten())
             for group in _groups_at(aux_levels, level):
-                error = _aux_rows(decoded, x, n_levels, group) + diff
+                error = torch.add(_aux_rows(decoded, x, n_levels, group), diff, out=error)
                 errors[n_levels + group] = error.flatten().dot(error.flatten())
         return sae_out, errors.div_(x.shape[0])
 
@@ -459,12 +538,14 @@ class NestedSquaredErrors(torch.autograd.Function):
         scales = grad_errors * (2.0 / batch)
         grad = torch.empty_like(decoded)
         parts = grad[: batch * n_levels].view(batch, n_levels, -1)
-        for level, _, diff in _reconstructions(decoded, b_dec, x, n_levels):
+        # Each level's difference is written straight into its part of the gradient.
+        differences = _reconstructions(decoded, b_dec, x, n_levels, lambda level: parts[:, level])
+        for level, _, diff in differences:
             for group in _groups_at(ctx.aux_levels, level):
                 aux_grad = _aux_rows(grad, x, n_levels, group)
                 torch.add(_aux_rows(decoded, x, n_levels, group), diff, out=aux_grad)
                 aux_grad.mul_(scales[n_levels + group])
-            parts[:, level] = diff.mul_(scales[level])
+            diff.mul_(scales[level])
         if grad_out is not None:
             parts[:, -1] += grad_out
         for level in reversed(range(n_levels - 1)):  # part j is in every reconstruction l >= j
@@ -473,17 +554,23 @@ class NestedSquaredErrors(torch.autograd.Function):
 
 
 def _reconstructions(
-    decoded: Tensor, b_dec: Tensor, x: Tensor, n_levels: int
+    decoded: Tensor,
+    b_dec: Tensor,
+    x: Tensor,
+    n_levels: int,
+    diff_out: Callable[[int], Tensor],
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """Yield ``(l, recon_l, recon_l − x)`` per level (``recon`` one tensor, updated in place)."""
+    """Yield ``(l, recon_l, recon_l − x)`` per level.
+
+    ``recon`` is one tensor, updated in place; each difference is written into ``diff_out(l)``.
+    """
     batch = x.shape[0]
     parts = decoded[: batch * n_levels].view(batch, n_levels, -1)
     recon = parts[:, 0] + b_dec
     for level in range(n_levels):
         if level:
             recon += parts[:, level]
-        diff = recon - x
-        yield level, recon, diff
+        yield level, recon, torch.sub(recon, x, out=diff_out(level))
 
 
 def _groups_at(aux_levels: list[int], level: int) -> list[int]:

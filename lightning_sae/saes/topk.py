@@ -118,14 +118,9 @@ class SparseTopKTraining:
             aux = self._aux_entries(scores, step_input.dead_neuron_mask)
             n_bags = batch * n_levels
             layout = entry_layout(
-                torch.cat([entries.rows, *(group.rows for group in aux)]),
-                torch.cat([entries.cols, *(group.cols for group in aux)]),
-                torch.cat(
-                    [
-                        bags,
-                        *(group.rows + n_bags + index * batch for index, group in enumerate(aux)),
-                    ]
-                ),
+                [entries.rows, *(group.rows for group in aux)],
+                [entries.cols, *(group.cols for group in aux)],
+                [bags, *(group.rows + n_bags + index * batch for index, group in enumerate(aux))],
                 n_bags + len(aux) * batch,
                 d_sae,
             )
@@ -142,7 +137,7 @@ class SparseTopKTraining:
         # sae-lens decodes feature_acts * (1 / ‖W_dec‖) (aux: its pre-activations, no ReLU).
         weights = torch.cat([acts, pre[n_main:]])
         if norm is not None:
-            weights = weights * (1 / norm)[layout.cols]
+            weights = weights * (1 / norm).index_select(0, layout.cols)
         decoded = SparseDecode.apply(weights, self.W_dec, layout)
         # sae-lens's mse_loss_fn (per-token squared-error sums, averaged) on each reconstruction.
         sae_out, errors = NestedSquaredErrors.apply(decoded, self.b_dec, x, n_levels, aux_levels)
@@ -173,10 +168,11 @@ class SparseTopKTraining:
         k_aux = self.cfg.d_in // 2
         groups = []
         for start, end, level in self.aux_groups():
-            rows, cols, values, n_dead = dead_row_topk(scores[:, start:end], dead[start:end], k_aux)
+            rows, cols, values, n_dead = dead_row_topk(
+                scores[:, start:end], dead[start:end], k_aux, column_offset=start
+            )
             if n_dead:
-                scale = min(n_dead / k_aux, 1.0)
-                groups.append(AuxEntries(rows, cols + start, values, scale, level))
+                groups.append(AuxEntries(rows, cols, values, min(n_dead / k_aux, 1.0), level))
         return groups
 
 

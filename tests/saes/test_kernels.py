@@ -87,16 +87,22 @@ def test_saturated_row_keeps_its_winner_at_the_cut_off():
     )
 
 
+@pytest.mark.parametrize("block", [None, 3 * 256 + 5], ids=["one-block", "blocks-of-3-rows"])
 @pytest.mark.parametrize(
     ("hint_factor", "uses_hint"),
     [(0.9, True), (1.2, False), (0.01, False)],
     ids=["just-below", "too-high", "too-low"],
 )
-def test_cut_off_hint_is_used_only_when_it_proves_the_result(hint_factor, uses_hint, monkeypatch):
+def test_cut_off_hint_is_used_only_when_it_proves_the_result(
+    hint_factor, uses_hint, block, monkeypatch
+):
     """At least ``total`` (and at most 8·total) entries at or above the hint: one top-k among
-    them; too few (hint above the cut-off) or too many: the per-row candidates, exact either way."""
+    them; too few (hint above the cut-off) or too many: the per-row candidates, exact either way.
+    The comparison runs in blocks of rows (the last one partial here; "too-low" stops early)."""
     from lightning_sae.saes import kernels
 
+    if block is not None:
+        monkeypatch.setattr(kernels, "HINT_BLOCK", block)
     torch.manual_seed(3)
     scores = torch.randn(64, 256) * torch.exp(torch.randn(64, 1))
     total = 4 * 64
@@ -110,6 +116,29 @@ def test_cut_off_hint_is_used_only_when_it_proves_the_result(hint_factor, uses_h
         densify(scores, entries.rows, entries.cols), reference_batch_topk(scores, total)
     )
     assert torch.equal(entries.crow, torch.searchsorted(entries.rows, torch.arange(64 + 1)))
+    assert torch.equal(entries.values, scores[entries.rows, entries.cols])
+
+
+@pytest.mark.parametrize("offset", [0, 100])
+def test_dead_row_topk_in_reused_blocks_is_each_rows_top_k(offset, monkeypatch):
+    """Blocks of 3 rows (the last one partial) into one reused buffer: each row's top-k among
+    the dead columns, as a top-k over all of them gives, columns shifted by ``offset``."""
+    from lightning_sae.saes import kernels
+
+    torch.manual_seed(4)
+    scores, dead, k = torch.randn(10, 40), torch.rand(40) < 0.5, 4
+    n_dead = int(dead.sum())
+    monkeypatch.setattr(kernels, "DEAD_TOPK_BLOCK", 3 * n_dead + 1)
+    rows, cols, values, found = kernels.dead_row_topk(scores, dead, k, column_offset=offset)
+    assert found == n_dead
+    assert torch.equal(rows, torch.arange(10).repeat_interleave(k).to(rows.dtype))
+    dead_cols = dead.nonzero().flatten()
+    expected, position = scores[:, dead_cols].topk(k, dim=-1)
+    got = values.view(10, k).sort(dim=-1, descending=True).values
+    assert torch.equal(got, expected)
+    expected_cols = (dead_cols[position] + offset).sort(dim=-1).values
+    assert torch.equal(cols.view(10, k).sort(dim=-1).values.long(), expected_cols)
+    assert torch.equal(values, scores[rows.long(), cols.long() - offset])
 
 
 def test_saturated_row_with_a_non_positive_cut_off_lists_its_positives():
