@@ -51,6 +51,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_sae import ActivationDataModule, BatchTopKSAE, MultiSAEModule
 from lightning_sae.data import shakespeare_documents
 from lightning_sae.data.live import LiveSource
+from lightning_sae.io import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 FITS = ("one", "four", "cache")
@@ -270,15 +271,39 @@ def main() -> None:
             "platform": platform.platform(),
         },
     }
+    previous = previous_record(args.out, record["setup"])
+    if previous is not None:  # a partial run (--fits) replaces only its own figures
+        for section in ("tokens_per_sec", "fraction_of_forward", "fit_seconds"):
+            record[section] = previous[section] | record[section]
+        key = "load_average_1min_start_end"
+        record["machine"][key] = previous["machine"][key] | record["machine"][key]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(args.out / "data.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(args.out / "data.md", render_markdown(record))
+    print(json.dumps(record, indent=2))
+
+
+def previous_record(out: Path, setup: dict) -> dict | None:
+    """The ``data.json`` already in ``out`` if it was measured with the same ``setup``."""
+    path = out / "data.json"
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    return previous if previous.get("setup") == setup else None
+
+
+def render_markdown(record: dict) -> str:
+    """``data.md``: the figures of ``record`` (``data.json``) with each one's load average."""
+    speeds, ratios = record["tokens_per_sec"], record["fraction_of_forward"]
+    machine, setup = record["machine"], record["setup"]
+    loads = machine["load_average_1min_start_end"]
     every_load = [load for pair in loads.values() for load in pair]
     lines = [
-        f"Tokens per second, {args.tokens} tokens per measurement, mixing buffers of "
-        f"{args.buffer_tokens}, {torch.get_num_threads()} torch threads; 1-min load average "
-        f"{min(every_load):.2f}–{max(every_load):.2f} (each figure's start–end beside it). Fits: "
-        "whole fit (the whole `Trainer.fit` call, buffer fills included) and first to last "
-        "batch, as a fraction of the matching model forward (the mean of the forward-only "
+        f"Tokens per second, {setup['measured_tokens']} tokens per measurement, mixing buffers "
+        f"of {setup['buffer_tokens']}, {machine['torch_threads']} torch threads; 1-min load "
+        f"average {min(every_load):.2f}–{max(every_load):.2f} (each figure's start–end beside "
+        "it). Fits: whole fit (the whole `Trainer.fit` call, buffer fills included) and first to "
+        "last batch, as a fraction of the matching model forward (the mean of the forward-only "
         "figures right before and after the fit), and the whole fit as a fraction of the "
         "model's own speed inside that fit.",
         "",
@@ -290,7 +315,7 @@ def main() -> None:
         start, end = loads[name]
         return f"{start:.2f}–{end:.2f}"
 
-    for name, value in results.items():
+    for name, value in speeds.items():
         if name.startswith("model_forward"):
             for when in ("before", "after"):
                 load = load_of(f"{name}_{when}")
@@ -313,11 +338,10 @@ def main() -> None:
         "| median step s | load |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, seconds in breakdown.items():
+    for name, seconds in record["fit_seconds"].items():
         cells = " | ".join(str(value) for value in seconds.values())
         lines.append(f"| `{name}` | {cells} | {load_of(name)} |")
-    (args.out / "data.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(record, indent=2))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
