@@ -86,6 +86,7 @@ from lightning_sae.saes.kernels import (
     Entries,
     SampledEncoder,
     SparseDecode,
+    accumulator_dtype,
     entry_layout,
     row_offsets,
     runs_sae_lens_pass,
@@ -190,11 +191,6 @@ class JumpReLUWithL0(torch.autograd.Function):
         return grad_hidden, grad_threshold, None, None
 
 
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    """Return the dtype that sums of ``dtype`` values accumulate in (at least float32)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 class JumpReLUEntries(torch.autograd.Function):
     """:class:`JumpReLUWithL0` on sparse entries: pre-activations ``π_e`` at ``(rows, cols)``.
 
@@ -222,7 +218,7 @@ class JumpReLUEntries(torch.autograd.Function):
         active = (values > threshold[cols].to(values.dtype)).to(values.dtype)
         ctx.save_for_backward(values, threshold, active, rows, cols)
         ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
-        total = _accumulator(values.dtype)
+        total = accumulator_dtype(values.dtype)
         l0 = values.new_zeros(batch, dtype=total).index_add_(0, rows, active.to(total))
         return values * active, l0.to(values.dtype)
 
@@ -244,7 +240,7 @@ class JumpReLUEntries(torch.autograd.Function):
         )
         grad_threshold = None
         if pseudo is not None and ctx.needs_input_grad[1]:
-            total = _accumulator(values.dtype)
+            total = accumulator_dtype(values.dtype)
             grad_threshold = threshold.new_zeros(threshold.shape, dtype=total)
             grad_threshold.index_add_(0, cols, pseudo.to(total), alpha=-1)
             grad_threshold = grad_threshold.to(threshold.dtype)
