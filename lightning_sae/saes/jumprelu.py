@@ -126,7 +126,8 @@ def jumprelu_gradients(
     ``threshold`` and ``grad_l0`` (the per-token L0's gradient) broadcast to ``hidden_pre``'s;
     ``active`` is ``H(π − θ)`` in ``π``'s dtype (the forward pass's mask).
 
-    Returns the gradient of ``π`` (None unless ``needs_hidden_grad``) and the kernel term ``p``
+    Returns the gradient of ``π`` (None unless ``needs_hidden_grad``, and for the L0 alone
+    without ``ste_to_input``, as sae-lens's ``Step``) and the kernel term ``p``
     of every entry, ``K·(grad_acts·θ/ε + grad_l0/ε)``: ``θ``'s gradient is ``−p`` summed per
     latent. Each product is sae-lens's to the bit; only the sums are taken in another order.
     Two temporaries the size of ``π``, the second reused for ``π``'s gradient.
@@ -145,7 +146,7 @@ def jumprelu_gradients(
     if not needs_hidden_grad:
         return None, pseudo
     if grad_acts is None:
-        return (pseudo.clone() if ste_to_input else torch.zeros_like(pseudo)), pseudo
+        return (pseudo.clone() if ste_to_input else None), pseudo
     grad_hidden = torch.mul(grad_acts, active, out=scaled)  # ``scaled`` is spent
     if ste_to_input:
         grad_hidden.add_(pseudo)
@@ -167,6 +168,7 @@ class JumpReLUWithL0(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         """Return the latents ``[..., d_sae]`` and the per-token L0 ``[...]`` (float)."""
         active = torch.gt(hidden_pre, threshold, out=torch.empty_like(hidden_pre))
+        ctx.set_materialize_grads(False)  # an unused output's gradient: None, not dense zeros
         ctx.save_for_backward(hidden_pre, threshold, active)
         ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return hidden_pre * active, active.sum(dim=-1)
@@ -216,6 +218,7 @@ class JumpReLUEntries(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         """Return the entries' latents ``[n]`` and the per-token L0 ``[batch]`` (float)."""
         active = (values > threshold[cols].to(values.dtype)).to(values.dtype)
+        ctx.set_materialize_grads(False)  # an unused output's gradient: None, not zeros
         ctx.save_for_backward(values, threshold, active, rows, cols)
         ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         total = accumulator_dtype(values.dtype)
