@@ -268,3 +268,37 @@ def test_sparse_pass_in_bfloat16_is_as_accurate_as_sae_lens():
             assert error(ours_p.grad) <= 1.05 * error(theirs_p.grad), name
         else:
             assert error(ours_p.grad) <= 1.1 * error(theirs_p.grad) + 1e-3, name
+
+
+@pytest.mark.parametrize("ste_to_input", [False, True])
+def test_sparse_pass_at_the_kernel_edges_trains_as_sae_lens(ste_to_input):
+    """Exact (dyadic) pre-activations at ``θ ∈ {0, 0.5, 1, 2}`` plus ``u·ε`` for
+    ``u ∈ {−1, −½, −¼, 0, ¼, ½, 1, 2}``: ties ``π = θ`` (inactive, inside the kernel), the kernel's
+    open ends ``u = ±½`` (outside), negative ``π`` inside the kernel of ``θ = 0``, the band's
+    edge ``u = −1``; every band entry in the first token, the others' L0 0 (float64)."""
+    bandwidth = 0.25
+    cfg = JumpReLUTrainingSAEConfig(
+        d_in=8,
+        d_sae=32,
+        dtype="float64",
+        jumprelu_bandwidth=bandwidth,
+        apply_b_dec_to_input=False,
+        jumprelu_ste_to_input=ste_to_input,
+    )
+    torch.manual_seed(0)
+    theirs = JumpReLUTrainingSAE(cfg)
+    thresholds = torch.tensor([0.0, 0.5, 1.0, 2.0]).repeat_interleave(8)
+    offsets = torch.tensor([-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0]).repeat(4) * bandwidth
+    with torch.no_grad():
+        theirs.threshold.copy_(thresholds)
+        theirs.W_enc.fill_(-1.0)
+        theirs.W_enc[0] = thresholds + offsets  # one-hot tokens: π is a row of W_enc, exactly
+        theirs.b_enc.zero_()
+        theirs.b_dec.normal_(0.0, 0.1)
+    x = torch.eye(8, dtype=torch.float64)
+    ours = ours_of(theirs)
+    expected, actual = run(theirs, x), run(ours, x)
+    assert actual.feature_acts.layout == torch.sparse_csr
+    crow = actual.feature_acts.crow_indices()
+    assert crow[1] > 0 and (crow[1:] == crow[1]).all()  # token 0's entries only
+    assert_same_pass(expected, actual, theirs, ours)
