@@ -302,3 +302,24 @@ def test_sparse_pass_at_the_kernel_edges_trains_as_sae_lens(ste_to_input):
     crow = actual.feature_acts.crow_indices()
     assert crow[1] > 0 and (crow[1:] == crow[1]).all()  # token 0's entries only
     assert_same_pass(expected, actual, theirs, ours)
+
+
+def test_sparse_pass_counts_more_than_256_active_latents_in_bfloat16():
+    """A bf16 token with 600 active latents: its L0 is 600, as sae-lens's bf16 ``sum`` gives
+    (counted in bf16 it would stop at 256, where ``256 + 1`` rounds back to 256)."""
+    cfg = JumpReLUTrainingSAEConfig(
+        d_in=2, d_sae=2048, dtype="bfloat16", jumprelu_bandwidth=0.25, apply_b_dec_to_input=False
+    )
+    theirs = JumpReLUTrainingSAE(cfg)
+    with torch.no_grad():
+        theirs.threshold.fill_(0.5)
+        theirs.W_enc.fill_(-1.0)
+        theirs.W_enc[0, :600] = 1.0
+        theirs.b_enc.zero_()
+    x = torch.zeros(16, 2, dtype=torch.bfloat16)
+    x[0, 0] = x[1:, 1] = 1.0  # token 0 fires 600 latents, the others none
+    ours = ours_of(theirs)
+    expected, actual = run(theirs, x), run(ours, x)
+    assert actual.feature_acts.layout == torch.sparse_csr
+    assert active_counts(actual.feature_acts)[:-1].sum() == 600
+    assert actual.losses["l0_loss"] == expected.losses["l0_loss"] == 0.7 * 600 / 16
