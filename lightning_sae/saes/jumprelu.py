@@ -469,8 +469,9 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
         outputs and gradients are sae-lens's (tests compare them). As in the other fast passes
         the encoder product's backward skips the inputs' gradient (:class:`DenseEncoder`). When
         at most ``sparse_density_limit`` of the entries lie in the band the backward pass reads
-        (:func:`threshold_band`; read on the host: free on CPU, one synchronisation on CUDA),
-        the step runs on those entries only (:meth:`_sparse_pass`); the sparsity modes that need
+        (:func:`threshold_band`; read on the host: free on CPU, one synchronisation on CUDA,
+        and the sparse pass's ``nonzero`` a second), the step runs on those entries only
+        (:meth:`_sparse_pass`); the sparsity modes that need
         dense tensors (``tanh``, ``pre_act_loss_coefficient``) stay dense, their decode sparse
         when few entries are in the band (:func:`threshold_decode`).
         """
