@@ -86,6 +86,7 @@ from lightning_sae.saes.kernels import (
     Entries,
     SampledEncoder,
     SparseDecode,
+    accumulator_dtype,
     entry_layout,
     row_offsets,
     runs_sae_lens_pass,
@@ -125,7 +126,8 @@ def jumprelu_gradients(
     ``threshold`` and ``grad_l0`` (the per-token L0's gradient) broadcast to ``hidden_pre``'s;
     ``active`` is ``H(π − θ)`` in ``π``'s dtype (the forward pass's mask).
 
-    Returns the gradient of ``π`` (None unless ``needs_hidden_grad``) and the kernel term ``p``
+    Returns the gradient of ``π`` (None unless ``needs_hidden_grad``, and for the L0 alone
+    without ``ste_to_input``, as sae-lens's ``Step``) and the kernel term ``p``
     of every entry, ``K·(grad_acts·θ/ε + grad_l0/ε)``: ``θ``'s gradient is ``−p`` summed per
     latent. Each product is sae-lens's to the bit; only the sums are taken in another order.
     Two temporaries the size of ``π``, the second reused for ``π``'s gradient.
@@ -144,7 +146,7 @@ def jumprelu_gradients(
     if not needs_hidden_grad:
         return None, pseudo
     if grad_acts is None:
-        return (pseudo.clone() if ste_to_input else torch.zeros_like(pseudo)), pseudo
+        return (pseudo.clone() if ste_to_input else None), pseudo
     grad_hidden = torch.mul(grad_acts, active, out=scaled)  # ``scaled`` is spent
     if ste_to_input:
         grad_hidden.add_(pseudo)
@@ -166,6 +168,7 @@ class JumpReLUWithL0(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         """Return the latents ``[..., d_sae]`` and the per-token L0 ``[...]`` (float)."""
         active = torch.gt(hidden_pre, threshold, out=torch.empty_like(hidden_pre))
+        ctx.set_materialize_grads(False)  # an unused output's gradient: None, not dense zeros
         ctx.save_for_backward(hidden_pre, threshold, active)
         ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return hidden_pre * active, active.sum(dim=-1)
@@ -188,11 +191,6 @@ class JumpReLUWithL0(torch.autograd.Function):
         )
         grad_threshold = None if pseudo is None else -pseudo.sum(dim=tuple(range(pseudo.ndim - 1)))
         return grad_hidden, grad_threshold, None, None
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    """Return the dtype that sums of ``dtype`` values accumulate in (at least float32)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 class JumpReLUEntries(torch.autograd.Function):
@@ -220,9 +218,10 @@ class JumpReLUEntries(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         """Return the entries' latents ``[n]`` and the per-token L0 ``[batch]`` (float)."""
         active = (values > threshold[cols].to(values.dtype)).to(values.dtype)
+        ctx.set_materialize_grads(False)  # an unused output's gradient: None, not zeros
         ctx.save_for_backward(values, threshold, active, rows, cols)
         ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
-        total = _accumulator(values.dtype)
+        total = accumulator_dtype(values.dtype)
         l0 = values.new_zeros(batch, dtype=total).index_add_(0, rows, active.to(total))
         return values * active, l0.to(values.dtype)
 
@@ -244,7 +243,7 @@ class JumpReLUEntries(torch.autograd.Function):
         )
         grad_threshold = None
         if pseudo is not None and ctx.needs_input_grad[1]:
-            total = _accumulator(values.dtype)
+            total = accumulator_dtype(values.dtype)
             grad_threshold = threshold.new_zeros(threshold.shape, dtype=total)
             grad_threshold.index_add_(0, cols, pseudo.to(total), alpha=-1)
             grad_threshold = grad_threshold.to(threshold.dtype)
@@ -470,8 +469,9 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
         outputs and gradients are sae-lens's (tests compare them). As in the other fast passes
         the encoder product's backward skips the inputs' gradient (:class:`DenseEncoder`). When
         at most ``sparse_density_limit`` of the entries lie in the band the backward pass reads
-        (:func:`threshold_band`; read on the host: free on CPU, one synchronisation on CUDA),
-        the step runs on those entries only (:meth:`_sparse_pass`); the sparsity modes that need
+        (:func:`threshold_band`; read on the host: free on CPU, one synchronisation on CUDA,
+        and the sparse pass's ``nonzero`` a second), the step runs on those entries only
+        (:meth:`_sparse_pass`); the sparsity modes that need
         dense tensors (``tanh``, ``pre_act_loss_coefficient``) stay dense, their decode sparse
         when few entries are in the band (:func:`threshold_decode`).
         """
