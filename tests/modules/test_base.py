@@ -241,6 +241,25 @@ def test_metrics_and_density_histogram_reach_tensorboard(tmp_path, synthetic_tra
     assert module.feature_density.sum().item() == pytest.approx(4.0)
 
 
+def test_a_checkpoint_can_monitor_the_loss_between_logging_steps(tmp_path, synthetic_train):
+    """``train/loss`` is logged every step, so a ``ModelCheckpoint`` off the logging schedule
+    finds it (after a validation Lightning raises on a missing monitor); the loss terms are
+    logged on logging steps only."""
+    checkpoints = ModelCheckpoint(tmp_path, monitor="train/loss", every_n_train_steps=3)
+    trainer = quiet_trainer(
+        max_steps=6,
+        log_every_n_steps=5,
+        limit_val_batches=1,
+        val_check_interval=2,
+        enable_checkpointing=True,
+        callbacks=[checkpoints],
+    )
+    module = TopKSAE(D_IN, 64, k=4)
+    trainer.fit(module, loader(synthetic_train[:4096]), loader(synthetic_train[-512:]))
+    assert [p.name for p in tmp_path.glob("*.ckpt")] and checkpoints.best_model_score is not None
+    assert {"train/loss", "train/mse_loss"} <= set(trainer.callback_metrics)
+
+
 def test_a_short_fit_publishes_its_own_density(synthetic_train):
     module = TopKSAE(d_in=D_IN, d_sae=64, k=4)  # window of 10M tokens never closes here
     module.feature_density.fill_(0.5)  # e.g. an imported release's density
