@@ -42,9 +42,9 @@ def active_fraction(pre: Tensor) -> float:
 class FastStandardTrainingSAE(StandardTrainingSAE):
     """sae-lens ``StandardTrainingSAE`` with a fused pass and a sparse one for sparse latents."""
 
-    #: Largest fraction of active latents for which the sparse pass is used (measured crossover,
-    #: ``benchmarks/bench_step.py``).
-    sparse_density_limit: ClassVar[float] = 0.1
+    #: Largest fraction of active latents for which the sparse pass is used (measured crossover
+    #: ~0.18 at d_sae 8192, ``benchmarks/bench_step.py``).
+    sparse_density_limit: ClassVar[float] = 0.15
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
