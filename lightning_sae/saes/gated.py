@@ -38,9 +38,9 @@ from lightning_sae.saes.standard import active_fraction
 class FastGatedTrainingSAE(GatedTrainingSAE):
     """sae-lens ``GatedTrainingSAE`` with one encoder product and sparse decoders when sparse."""
 
-    #: Largest fraction of open gates for which the sparse pass is used (measured crossover
-    #: 0.14-0.17 at d_sae 8192 over two runs, ``benchmarks/bench_step.py``).
-    sparse_density_limit: ClassVar[float] = 0.12
+    #: Largest fraction of open gates for which the sparse pass is used (measured crossover,
+    #: ``benchmarks/bench_step.py``).
+    sparse_density_limit: ClassVar[float] = 0.075
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:

@@ -330,8 +330,8 @@ class AdaptiveJumpReLUTrainingSAE(JumpReLUTrainingSAE):
     log_threshold_step: Tensor
 
     #: Largest fraction of the entries in the threshold band for which the sparse pass is used
-    #: (measured crossover ~0.17 at d_sae 8192, ``benchmarks/bench_step.py``).
-    sparse_density_limit: ClassVar[float] = 0.15
+    #: (measured crossover ~0.18 at d_sae 8192 and ~0.1 at 32768, ``benchmarks/bench_step.py``).
+    sparse_density_limit: ClassVar[float] = 0.1
 
     #: Buffers the module averages over DDP ranks after every training pass.
     rank_averaged_state: ClassVar[tuple[str, ...]] = (

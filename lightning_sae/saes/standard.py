@@ -43,8 +43,8 @@ class FastStandardTrainingSAE(StandardTrainingSAE):
     """sae-lens ``StandardTrainingSAE`` with a fused pass and a sparse one for sparse latents."""
 
     #: Largest fraction of active latents for which the sparse pass is used (measured crossover
-    #: ~0.18 at d_sae 8192, ``benchmarks/bench_step.py``).
-    sparse_density_limit: ClassVar[float] = 0.15
+    #: ~0.18 at d_sae 8192 and ~0.1 at 32768, ``benchmarks/bench_step.py``).
+    sparse_density_limit: ClassVar[float] = 0.1
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
