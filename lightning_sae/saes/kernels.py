@@ -227,14 +227,8 @@ def batch_topk_entries(
         if flat is not None and flat.shape[0] >= total:
             values = scores.view(-1).index_select(0, flat)
             position = values.topk(total, sorted=False).indices.sort().values
-            flat = flat.index_select(0, position)  # ascending: sorted by row, then column
-            rows = flat.div(width, rounding_mode="floor")
-            return Entries(
-                rows,
-                flat.sub_(rows * width),
-                values.index_select(0, position),
-                row_offsets(rows, batch),
-            )
+            winners = flat.index_select(0, position)  # ascending: by row, then column
+            return flat_entries(scores, winners, values.index_select(0, position))
     m = min(max(m, -(-total // batch)), width)  # at least `total` candidates in all
     candidates = row_candidates(scores, m)
     position, cut_off, saturated = select_batch_topk(candidates, total)
@@ -701,11 +695,22 @@ def threshold_decode(
     return SparseDecode.apply(feature_acts[rows, cols], W_dec, layout) + b_dec
 
 
+def flat_entries(scores: Tensor, flat: Tensor, values: Tensor | None = None) -> Entries:
+    """Entries of ``scores`` ``[B, d]`` at ascending flat positions ``flat``.
+
+    ``values`` (``scores`` at ``flat``) when already gathered. One ``index_select`` on the flat
+    view: a two-index gather costs ~4 times more on CPU.
+    """
+    batch, width = scores.shape
+    if values is None:
+        values = scores.reshape(-1).index_select(0, flat)
+    rows = flat.div(width, rounding_mode="floor")
+    return Entries(rows, flat - rows * width, values, row_offsets(rows, batch))
+
+
 def positive_entries(pre: Tensor) -> Entries:
     """Entries where ``pre`` ``[B, d]`` is positive, sorted by row, then column."""
-    positive = pre > 0
-    rows, cols = positive.nonzero().unbind(dim=1)
-    return Entries(rows, cols, pre[positive], row_offsets(rows, pre.shape[0]))
+    return flat_entries(pre, (pre > 0).view(-1).nonzero().squeeze(1))
 
 
 def runs_sae_lens_pass(sae: torch.nn.Module, sae_in: Tensor) -> bool:
